@@ -1,0 +1,264 @@
+/* Bounded, sharded, LRU metadata slice cache.  See cache.h for the
+ * invariants.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdlib.h>
+
+#include "cache.h"
+#include "io.h"
+
+enum slice_state { SLICE_LOADING, SLICE_READY, SLICE_FAILED };
+
+struct slice {
+  struct qcow2_slice pub;   /* first: the public view */
+  struct slice *hash_next;
+  struct slice *lru_prev, *lru_next;
+  unsigned pins;
+  enum slice_state state;
+  int error;
+  bool hashed;              /* in the shard's hash table and LRU list */
+};
+
+struct shard {
+  pthread_mutex_t lock;
+  pthread_cond_t loaded;    /* broadcast when a LOADING slice settles */
+  struct slice **buckets;
+  size_t nbuckets;
+  struct slice lru;         /* sentinel: lru.lru_next is most recent */
+  size_t count, capacity;
+};
+
+struct qcow2_cache {
+  struct qcow2_io *io;
+  size_t slice_size;
+  unsigned slice_shift;
+  size_t nshards;
+  struct shard shards[];
+};
+
+static uint64_t
+hash_offset (const struct qcow2_cache *c, uint64_t offset)
+{
+  uint64_t h = (offset >> c->slice_shift) * 0x9e3779b97f4a7c15ull;
+  return h ^ (h >> 29);
+}
+
+static struct shard *
+shard_of (struct qcow2_cache *c, uint64_t offset)
+{
+  return &c->shards[hash_offset (c, offset) % c->nshards];
+}
+
+static struct slice **
+bucket_of (struct qcow2_cache *c, struct shard *s, uint64_t offset)
+{
+  return &s->buckets[(hash_offset (c, offset) / c->nshards) % s->nbuckets];
+}
+
+static void
+lru_unlink (struct slice *e)
+{
+  e->lru_prev->lru_next = e->lru_next;
+  e->lru_next->lru_prev = e->lru_prev;
+}
+
+static void
+lru_push_front (struct shard *s, struct slice *e)
+{
+  e->lru_next = s->lru.lru_next;
+  e->lru_prev = &s->lru;
+  s->lru.lru_next->lru_prev = e;
+  s->lru.lru_next = e;
+}
+
+static void
+unhash (struct qcow2_cache *c, struct shard *s, struct slice *e)
+{
+  struct slice **pp = bucket_of (c, s, e->pub.offset);
+
+  while (*pp != e)
+    pp = &(*pp)->hash_next;
+  *pp = e->hash_next;
+  lru_unlink (e);
+  e->hashed = false;
+  s->count--;
+}
+
+static void
+slice_free (struct slice *e)
+{
+  free (e->pub.data);
+  free (e);
+}
+
+struct qcow2_cache *
+qcow2_cache_new (struct qcow2_io *io, size_t slice_size, size_t capacity)
+{
+  struct qcow2_cache *c;
+  size_t nshards = 1;
+
+  /* Enough shards to spread contention, few enough that each keeps a
+   * useful LRU of its own.
+   */
+  while (nshards < 16 && capacity / (nshards * 2) >= 8)
+    nshards *= 2;
+  if (capacity < nshards)
+    capacity = nshards;
+
+  c = calloc (1, sizeof *c + nshards * sizeof (struct shard));
+  if (!c)
+    return NULL;
+  c->io = io;
+  c->slice_size = slice_size;
+  while ((1ull << c->slice_shift) < slice_size)
+    c->slice_shift++;
+  c->nshards = nshards;
+  for (size_t i = 0; i < nshards; i++) {
+    struct shard *s = &c->shards[i];
+    s->capacity = capacity / nshards;
+    s->nbuckets = s->capacity * 2;
+    s->buckets = calloc (s->nbuckets, sizeof *s->buckets);
+    if (!s->buckets) {
+      c->nshards = i;
+      qcow2_cache_free (c);
+      return NULL;
+    }
+    pthread_mutex_init (&s->lock, NULL);
+    pthread_cond_init (&s->loaded, NULL);
+    s->lru.lru_next = s->lru.lru_prev = &s->lru;
+  }
+  return c;
+}
+
+void
+qcow2_cache_free (struct qcow2_cache *c)
+{
+  if (!c)
+    return;
+  for (size_t i = 0; i < c->nshards; i++) {
+    struct shard *s = &c->shards[i];
+    while (s->lru.lru_next != &s->lru) {
+      struct slice *e = s->lru.lru_next;
+      unhash (c, s, e);
+      slice_free (e);
+    }
+    free (s->buckets);
+    pthread_mutex_destroy (&s->lock);
+    pthread_cond_destroy (&s->loaded);
+  }
+  free (c);
+}
+
+/* Find an unpinned slice to recycle, or allocate a new one.  Called with
+ * the shard lock held.
+ */
+static struct slice *
+take_free_slice (struct qcow2_cache *c, struct shard *s)
+{
+  if (s->count >= s->capacity) {
+    for (struct slice *e = s->lru.lru_prev; e != &s->lru; e = e->lru_prev) {
+      if (e->pins == 0) {
+        unhash (c, s, e);
+        return e;
+      }
+    }
+  }
+  struct slice *e = calloc (1, sizeof *e);
+  if (!e)
+    return NULL;
+  e->pub.data = malloc (c->slice_size);
+  if (!e->pub.data) {
+    free (e);
+    return NULL;
+  }
+  return e;
+}
+
+/* Drop one pin; frees a failed slice once nobody holds it.  Called with the
+ * shard lock held.
+ */
+static void
+unpin_locked (struct slice *e)
+{
+  e->pins--;
+  if (e->pins == 0 && !e->hashed)
+    slice_free (e);
+}
+
+int
+qcow2_cache_get (struct qcow2_cache *c, uint64_t offset,
+                 struct qcow2_slice **slice_out)
+{
+  struct shard *s = shard_of (c, offset);
+  struct slice *e;
+  int r;
+
+  pthread_mutex_lock (&s->lock);
+  for (e = *bucket_of (c, s, offset); e; e = e->hash_next)
+    if (e->pub.offset == offset)
+      break;
+
+  if (e) {
+    e->pins++;
+    lru_unlink (e);
+    lru_push_front (s, e);
+    while (e->state == SLICE_LOADING)
+      pthread_cond_wait (&s->loaded, &s->lock);
+    if (e->state == SLICE_FAILED) {
+      r = e->error;
+      unpin_locked (e);
+      pthread_mutex_unlock (&s->lock);
+      return r;
+    }
+    pthread_mutex_unlock (&s->lock);
+    *slice_out = &e->pub;
+    return 0;
+  }
+
+  e = take_free_slice (c, s);
+  if (!e) {
+    pthread_mutex_unlock (&s->lock);
+    return -ENOMEM;
+  }
+  e->pub.offset = offset;
+  e->pins = 1;
+  e->state = SLICE_LOADING;
+  e->hashed = true;
+  struct slice **b = bucket_of (c, s, offset);
+  e->hash_next = *b;
+  *b = e;
+  lru_push_front (s, e);
+  s->count++;
+  pthread_mutex_unlock (&s->lock);
+
+  r = qcow2_io_pread (c->io, e->pub.data, c->slice_size, offset);
+
+  pthread_mutex_lock (&s->lock);
+  if (r < 0) {
+    e->state = SLICE_FAILED;
+    e->error = r;
+    unhash (c, s, e);
+    unpin_locked (e);
+  }
+  else
+    e->state = SLICE_READY;
+  pthread_cond_broadcast (&s->loaded);
+  pthread_mutex_unlock (&s->lock);
+  if (r < 0)
+    return r;
+  *slice_out = &e->pub;
+  return 0;
+}
+
+void
+qcow2_cache_put (struct qcow2_cache *c, struct qcow2_slice *slice)
+{
+  struct slice *e = (struct slice *) slice;
+  struct shard *s = shard_of (c, slice->offset);
+
+  pthread_mutex_lock (&s->lock);
+  unpin_locked (e);
+  pthread_mutex_unlock (&s->lock);
+}

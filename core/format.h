@@ -1,0 +1,63 @@
+/* On-disk constants of the qcow2 format (docs/interop/qcow2.rst). */
+#ifndef QCOW2_FORMAT_H
+#define QCOW2_FORMAT_H
+
+#define QCOW2_MAGIC 0x514649fbu
+
+#define QCOW2_V2_HEADER_LENGTH 72
+#define QCOW2_V3_MIN_HEADER_LENGTH 104
+
+#define QCOW2_MIN_CLUSTER_BITS 9
+#define QCOW2_MAX_CLUSTER_BITS 21
+#define QCOW2_MIN_EXTL2_CLUSTER_BITS 14
+
+/* Incompatible feature bits */
+#define QCOW2_INCOMPAT_DIRTY        (1ull << 0)
+#define QCOW2_INCOMPAT_CORRUPT      (1ull << 1)
+#define QCOW2_INCOMPAT_DATA_FILE    (1ull << 2)
+#define QCOW2_INCOMPAT_COMPRESSION  (1ull << 3)
+#define QCOW2_INCOMPAT_EXTL2        (1ull << 4)
+#define QCOW2_INCOMPAT_KNOWN        0x1full
+
+/* Compatible and autoclear feature bits */
+#define QCOW2_COMPAT_LAZY_REFCOUNTS (1ull << 0)
+#define QCOW2_AUTOCLEAR_BITMAPS     (1ull << 0)
+#define QCOW2_AUTOCLEAR_DATA_RAW    (1ull << 1)
+
+#define QCOW2_CRYPT_NONE 0
+#define QCOW2_CRYPT_AES  1
+#define QCOW2_CRYPT_LUKS 2
+
+#define QCOW2_COMPRESSION_DEFLATE 0
+#define QCOW2_COMPRESSION_ZSTD    1
+
+/* Header extension magics */
+#define QCOW2_EXT_END            0x00000000u
+#define QCOW2_EXT_BACKING_FORMAT 0xe2792acau
+#define QCOW2_EXT_FEATURE_TABLE  0x6803f857u
+#define QCOW2_EXT_BITMAPS        0x23852875u
+#define QCOW2_EXT_CRYPTO         0x0537be77u
+#define QCOW2_EXT_DATA_FILE      0x44415441u
+
+/* L1 and L2 entries */
+#define QCOW2_OFLAG_COPIED     (1ull << 63)
+#define QCOW2_OFLAG_COMPRESSED (1ull << 62)
+#define QCOW2_OFLAG_ZERO       (1ull << 0)
+#define QCOW2_L1E_OFFSET_MASK  0x00fffffffffffe00ull
+#define QCOW2_L2E_OFFSET_MASK  0x00fffffffffffe00ull
+#define QCOW2_REFT_OFFSET_MASK 0xfffffffffffffe00ull
+
+/* Extended L2 bitmap: bit x allocated, bit 32 + x reads as zero. */
+#define QCOW2_SUBCLUSTERS 32
+
+/* QEMU's limits, which we share. */
+#define QCOW2_MAX_L1_BYTES        (32u << 20)
+#define QCOW2_MAX_REFTABLE_BYTES  (8u << 20)
+#define QCOW2_MAX_SNAPSHOTS       65536u
+#define QCOW2_MAX_SNAPSHOT_TABLE  (64u << 20)
+#define QCOW2_MAX_SNAPSHOT_EXTRA  1024u
+#define QCOW2_MAX_BACKING_NAME    1023u
+#define QCOW2_MAX_BITMAPS         65535u
+#define QCOW2_MAX_BITMAP_DIR      (64u << 20)
+
+#endif /* QCOW2_FORMAT_H */

@@ -1,0 +1,224 @@
+/* The engine's internal structures and the interfaces between its files.
+ *
+ * Layering (each file uses only those above it):
+ *   io        byte backend (host file, memory)
+ *   header    parse and validate the header and its extensions
+ *   snapshot  the snapshot table
+ *   cache     bounded metadata slice cache
+ *   map       guest offset -> run of one cluster kind (L1 -> L2 -> entry)
+ *   codec     decompression of compressed clusters
+ *   crypt     encryption of data sectors
+ *   backing   what lies below an image: a qcow2 image, a raw file, nothing
+ *   read      the read path; extents; image (open/close, public API)
+ */
+#ifndef QCOW2_INTERNAL_H
+#define QCOW2_INTERNAL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "qcow2.h"
+#include "format.h"
+
+struct qcow2_io;
+struct qcow2_cache;
+struct qcow2_crypt;
+
+/* A header extension we do not interpret, kept so that a rewritten header
+ * can preserve it.
+ */
+struct qcow2_unknown_ext {
+  uint32_t magic;
+  uint32_t length;
+  unsigned char *data;
+};
+
+struct qcow2_feature_name {
+  uint8_t type;      /* 0 incompatible, 1 compatible, 2 autoclear */
+  uint8_t bit;
+  char name[47];     /* NUL-terminated copy of the 46-byte field */
+};
+
+/* The header as parsed and validated, in host byte order. */
+struct qcow2_header {
+  uint32_t version;
+  uint64_t backing_file_offset;
+  uint32_t backing_file_size;
+  uint32_t cluster_bits;
+  uint64_t size;
+  uint32_t crypt_method;
+  uint32_t l1_size;
+  uint64_t l1_table_offset;
+  uint64_t refcount_table_offset;
+  uint32_t refcount_table_clusters;
+  uint32_t nb_snapshots;
+  uint64_t snapshots_offset;
+  uint64_t incompatible_features;
+  uint64_t compatible_features;
+  uint64_t autoclear_features;
+  uint32_t refcount_order;
+  uint32_t header_length;
+  uint8_t compression_type;
+
+  /* Extensions.  Strings are NUL-terminated copies, NULL when absent. */
+  char *backing_file;
+  char *backing_format;
+  char *data_file;
+  bool has_crypto_ext;
+  uint64_t crypto_offset, crypto_length;
+  bool has_bitmaps_ext;
+  uint32_t nb_bitmaps;
+  uint64_t bitmap_directory_size, bitmap_directory_offset;
+  struct qcow2_feature_name *feature_names;
+  size_t nb_feature_names;
+  struct qcow2_unknown_ext *unknown_exts;
+  size_t nb_unknown_exts;
+};
+
+/* header.c: read and validate cluster 0.  file_size bounds every table. */
+int qcow2_header_read (struct qcow2_io *io, uint64_t file_size,
+                       const char *filename, struct qcow2_header *h);
+void qcow2_header_free (struct qcow2_header *h);
+
+/* snapshot.c */
+struct qcow2_snapshot {
+  uint64_t l1_table_offset;
+  uint32_t l1_size;
+  char *id;
+  char *name;
+  uint32_t date_sec, date_nsec;
+  uint64_t vm_clock_nsec;
+  uint64_t vm_state_size;
+  bool has_disk_size;
+  uint64_t disk_size;
+  uint64_t icount;
+};
+
+int qcow2_snapshots_read (struct qcow2_io *io, uint64_t file_size,
+                          const struct qcow2_header *h,
+                          struct qcow2_snapshot **snaps_out);
+void qcow2_snapshots_free (struct qcow2_snapshot *snaps, uint32_t n);
+
+/* What lies below an image where its clusters are unallocated. */
+enum qcow2_backing_kind { BACKING_NONE, BACKING_QCOW2, BACKING_RAW };
+
+/* An open image.  Everything here is set at open and immutable afterwards
+ * (reads need no lock); mutable state lives in the cache.
+ */
+struct qcow2_image {
+  char *filename;
+  char *realpath;               /* NULL when not opened from a file */
+  struct qcow2_io *io;          /* the qcow2 file */
+  struct qcow2_io *data_io;     /* guest data: io, or the external data file */
+  uint64_t file_size;
+  uint64_t data_file_size;
+  struct qcow2_header h;
+
+  /* Geometry derived from the header. */
+  uint32_t cluster_bits;
+  uint64_t cluster_size;
+  bool extended_l2;
+  uint32_t l2_entry_bytes;      /* 8, or 16 with extended L2 */
+  uint64_t l2_entries;          /* entries per L2 table */
+  uint32_t subcluster_bits;
+  uint64_t subcluster_size;
+  uint32_t csize_shift;         /* compressed descriptor: sector count shift */
+  uint64_t csize_mask;
+  uint64_t coffset_mask;
+  bool external_data;
+
+  /* Active L1, host byte order. */
+  uint64_t *l1;
+  uint32_t l1_size;
+
+  /* L2 slices */
+  struct qcow2_cache *l2_cache;
+  uint32_t slice_size;
+  uint32_t slice_entries;
+
+  struct qcow2_crypt *crypt;    /* NULL unless encrypted */
+
+  struct qcow2_snapshot *snapshots;
+  uint32_t nb_snapshots;
+
+  enum qcow2_backing_kind backing_kind;
+  struct qcow2_image *backing;  /* BACKING_QCOW2 */
+  struct qcow2_io *backing_raw; /* BACKING_RAW */
+  uint64_t backing_size;        /* bytes readable from below; zeros past it */
+};
+
+/* map.c: one run of guest bytes that share a kind. */
+enum qcow2_run_kind {
+  RUN_UNALLOCATED,   /* read from below (backing file, or zeros) */
+  RUN_ZERO_PLAIN,    /* zeros, no host cluster */
+  RUN_ZERO_ALLOC,    /* zeros, host cluster preallocated */
+  RUN_DATA,          /* host_offset .. + length in data_io */
+  RUN_COMPRESSED,    /* inside one compressed cluster, descriptor in host_offset */
+};
+
+struct qcow2_run {
+  enum qcow2_run_kind kind;
+  uint64_t length;       /* > 0, never crossing the requested end */
+  uint64_t host_offset;  /* RUN_DATA: host offset of the first byte;
+                          * RUN_COMPRESSED: the L2 descriptor */
+};
+
+/* Describe guest bytes from offset (< disk size) up to at most max_len
+ * bytes through the given L1 table.  Fails with -EIO (and a message) on
+ * corrupt metadata.
+ */
+int qcow2_map (struct qcow2_image *img, const uint64_t *l1, uint32_t l1_size,
+               uint64_t offset, uint64_t max_len, struct qcow2_run *run);
+
+/* codec.c: decompress one cluster.  in_len is an upper bound of the
+ * compressed length; out_len bytes must be produced exactly.  Uses
+ * per-thread contexts.
+ */
+int qcow2_decompress (uint8_t compression_type, const void *in, size_t in_len,
+                      void *out, size_t out_len);
+
+/* Per-thread scratch buffer of at least len bytes, reused across calls
+ * (compressed input, decompressed clusters).  which selects one of a few
+ * independent buffers.
+ */
+enum { SCRATCH_COMPRESSED, SCRATCH_CLUSTER, SCRATCH_COUNT };
+void *qcow2_scratch (unsigned which, size_t len);
+
+/* An image being opened and those above it, for loop and depth checks. */
+struct qcow2_chain {
+  const char *realpath;           /* NULL for images not backed by a file */
+  const struct qcow2_chain *above;
+  unsigned depth;                 /* 1 for the top image */
+};
+
+/* backing.c: open what lies below img; chain describes img itself. */
+int qcow2_backing_open (struct qcow2_image *img,
+                        const struct qcow2_open_options *opts,
+                        const struct qcow2_chain *chain);
+void qcow2_backing_close (struct qcow2_image *img);
+
+/* Resolve name relative to the directory of `relative_to`.  Refuses names
+ * that are not plain paths (json:, nbd:, http: ...), as an untrusted image
+ * must not make us reach arbitrary resources.  Returns NULL with a message.
+ */
+char *qcow2_resolve_path (const char *relative_to, const char *name,
+                          const char *what);
+
+/* image.c: open an image and, through backing.c, its chain.  chain
+ * describes this image (depth 1 for the top one).  Takes ownership of io.
+ */
+int qcow2_image_open (struct qcow2_io *io, const struct qcow2_open_options *opts,
+                      const struct qcow2_chain *chain,
+                      struct qcow2_image **image_out);
+
+/* read.c: read through a given L1 (active or, later, a snapshot's). */
+int qcow2_read_l1 (struct qcow2_image *img, const uint64_t *l1,
+                   uint32_t l1_size, void *buf, uint64_t len,
+                   uint64_t offset);
+
+/* Read from below the image; zeros past the backing size. */
+int qcow2_read_backing (struct qcow2_image *img, void *buf, uint64_t len,
+                        uint64_t offset);
+
+#endif /* QCOW2_INTERNAL_H */

@@ -1,0 +1,72 @@
+/* A read-only memory backend for unit tests and the fuzzer. */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "io.h"
+
+struct mem_io {
+  struct qcow2_io io;
+  const unsigned char *data;
+  size_t size;
+};
+
+static int
+mem_pread (struct qcow2_io *io, void *buf, size_t len, uint64_t offset)
+{
+  struct mem_io *m = (struct mem_io *) io;
+
+  if (offset > m->size || len > m->size - offset)
+    return -EIO;
+  memcpy (buf, m->data + offset, len);
+  return 0;
+}
+
+static int
+mem_pwrite (struct qcow2_io *io, const void *buf, size_t len,
+            uint64_t offset)
+{
+  (void) io; (void) buf; (void) len; (void) offset;
+  return -EROFS;
+}
+
+static int
+mem_flush (struct qcow2_io *io)
+{
+  (void) io;
+  return 0;
+}
+
+static int
+mem_get_size (struct qcow2_io *io, uint64_t *size)
+{
+  *size = ((struct mem_io *) io)->size;
+  return 0;
+}
+
+static void
+mem_close (struct qcow2_io *io)
+{
+  free (io);
+}
+
+static const struct qcow2_io_ops mem_ops = {
+  .pread = mem_pread,
+  .pwrite = mem_pwrite,
+  .flush = mem_flush,
+  .get_size = mem_get_size,
+  .close = mem_close,
+};
+
+struct qcow2_io *
+qcow2_io_mem_new (const void *data, size_t size)
+{
+  struct mem_io *m = calloc (1, sizeof *m);
+
+  if (!m)
+    return NULL;
+  m->io.ops = &mem_ops;
+  m->data = data;
+  m->size = size;
+  return &m->io;
+}

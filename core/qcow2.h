@@ -1,0 +1,108 @@
+/* nbdkit-qcow2: the public API of the qcow2 engine.
+ *
+ * The engine has no nbdkit dependency.  Every function returns 0 (or a
+ * non-negative count) on success and a negative errno on failure; the
+ * human-readable reason goes to the error handler (qcow2_set_error_handler)
+ * as one line naming the field and value at fault.
+ *
+ * Thread safety: one struct qcow2_image may be used by any number of
+ * threads at once.  All guest-visible state is shared, so a request
+ * completed on one thread is visible to every other thread.
+ */
+#ifndef QCOW2_H
+#define QCOW2_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct qcow2_image;
+struct qcow2_io;
+
+struct qcow2_open_options {
+  /* Path of the image.  Relative backing and data file names are resolved
+   * against its directory.
+   */
+  const char *filename;
+
+  /* Open for writing.  Not supported yet: qcow2_open refuses it. */
+  bool writable;
+
+  /* Passphrase for encrypted images (legacy AES or LUKS); NULL if none. */
+  const char *passphrase;
+
+  /* Follow backing files.  When false an image with a backing file is
+   * refused, so an untrusted image cannot make us open other files.
+   */
+  bool follow_backing;
+
+  /* Longest backing chain accepted, counting the top image. */
+  unsigned max_chain_depth;
+
+  /* Bytes of L2 table cache per image; 0 picks a default that covers the
+   * whole disk, capped at 32 MiB.
+   */
+  uint64_t cache_size;
+
+  /* External data file path overriding the header's name; NULL: use the
+   * header extension.
+   */
+  const char *data_file;
+};
+
+#define QCOW2_DEFAULT_MAX_CHAIN_DEPTH 64
+
+void qcow2_open_options_init (struct qcow2_open_options *opts);
+
+/* Open an image file (and its backing chain and data file). */
+int qcow2_open (const struct qcow2_open_options *opts,
+                struct qcow2_image **image_out);
+
+/* Open an image over an already-open byte backend (tests, fuzzing, and
+ * later a backend over another nbdkit layer).  The image takes ownership of
+ * io, also on failure.  opts->filename is used only to resolve relative
+ * backing and data file names and in messages.
+ */
+int qcow2_open_io (struct qcow2_io *io, const struct qcow2_open_options *opts,
+                   struct qcow2_image **image_out);
+
+void qcow2_close (struct qcow2_image *image);
+
+/* Virtual disk size in bytes. */
+uint64_t qcow2_get_size (const struct qcow2_image *image);
+uint32_t qcow2_get_cluster_size (const struct qcow2_image *image);
+bool qcow2_is_encrypted (const struct qcow2_image *image);
+
+/* Read len bytes of the virtual disk at offset into buf.  The range must
+ * lie inside the disk.
+ */
+int qcow2_read (struct qcow2_image *image, void *buf, uint64_t len,
+                uint64_t offset);
+
+/* Block status.  Extent flags use NBD's base:allocation bits. */
+#define QCOW2_EXTENT_HOLE 1u /* not allocated in this image or below */
+#define QCOW2_EXTENT_ZERO 2u /* reads as zeros */
+
+/* Called with ascending, contiguous extents covering a prefix of the
+ * requested range (at least the first byte).  Return -1 to stop early.
+ */
+typedef int (*qcow2_extent_fn) (void *opaque, uint64_t offset,
+                                uint64_t length, uint32_t flags);
+
+/* Describe [offset, offset + len).  With one_extent, stop after the extent
+ * containing offset.
+ */
+int qcow2_extents (struct qcow2_image *image, uint64_t offset, uint64_t len,
+                   bool one_extent, qcow2_extent_fn fn, void *opaque);
+
+/* Errors: the handler receives one line without a trailing newline.  The
+ * default writes to stderr.  Set it once before opening images.
+ */
+typedef void (*qcow2_error_fn) (void *opaque, const char *message);
+void qcow2_set_error_handler (qcow2_error_fn fn, void *opaque);
+
+/* Compiled-in features, for --dump-plugin. */
+bool qcow2_have_zstd (void);
+bool qcow2_have_crypto (void);
+
+#endif /* QCOW2_H */
