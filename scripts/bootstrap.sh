@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install every Debian 12 package that building, serving, testing and
+# benchmarking need.  Idempotent: does nothing when all are present.
+set -euo pipefail
+
+packages=(
+  # build
+  gcc meson ninja-build pkg-config perl
+  nbdkit nbdkit-plugin-dev zlib1g-dev libzstd-dev libssl-dev
+  # the oracle and the clients used by tests, examples and bench/
+  qemu-utils libnbd-bin python3-libnbd python3-pytest fio
+  # fuzzing and sanitizer runtimes
+  clang libclang-rt-14-dev
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' ||
+    missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+sudo=
+[ "$(id -u)" -eq 0 ] || sudo=sudo
+echo "bootstrap: installing ${missing[*]}" >&2
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Install what is needed, build, and run every test:
+#   1. C unit tests of the core (meson test)
+#   2. a short libFuzzer run over the core (clang, ASan+UBSan)
+#   3. the integration suite (pytest + libnbd, QEMU as the oracle)
+#   4. unit and integration tests again with the plugin built with
+#      AddressSanitizer + UndefinedBehaviorSanitizer
+# QUICK=1 runs only 1 and 3.  FUZZ_SECONDS sets the fuzzing time (60).
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+cd "$top"
+"$top/scripts/bootstrap.sh"
+
+# Debian's python has the nbd and pytest modules; others on PATH may not.
+py=/usr/bin/python3
+pytest_args=(-q -p no:cacheprovider "$top/tests/integration")
+
+step() { printf '\n=== %s\n' "$*"; }
+
+step "build"
+scripts/build.sh build
+step "unit tests"
+meson test -C build --print-errorlogs
+
+if [ -z "${QUICK:-}" ] && [ -x tests/fuzz/run.sh ]; then
+  step "fuzzing for ${FUZZ_SECONDS:-60} s"
+  tests/fuzz/run.sh "${FUZZ_SECONDS:-60}"
+fi
+
+step "integration tests"
+$py -m pytest "${pytest_args[@]}"
+
+if [ -z "${QUICK:-}" ]; then
+  step "ASan + UBSan build"
+  scripts/build.sh build-asan -Db_sanitize=address,undefined -Db_lundef=false \
+    -Dc_args=-fno-sanitize-recover=all
+  ASAN_OPTIONS=detect_leaks=1 meson test -C build-asan --print-errorlogs
+  step "integration tests against the sanitizer build"
+  # nbdkit itself is not instrumented: preload the runtime, and leave leak
+  # checking to the unit tests (nbdkit's own allocations are not ours).
+  QCOW2_PLUGIN=$top/build-asan/plugin/nbdkit-qcow2-plugin.so \
+  QCOW2_NBDKIT_ENV="LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1" \
+    $py -m pytest "${pytest_args[@]}"
+fi
