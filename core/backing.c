@@ -141,7 +141,7 @@ qcow2_backing_open (struct qcow2_image *img,
     goto out;
   }
 
-  r = qcow2_io_file_open (path, false, &io);
+  r = qcow2_io_file_open (path, QCOW2_IO_READ_ONLY, &io);
   if (r < 0) {
     qcow2_error ("%s: could not open backing file %s: %s", img->filename,
                  path, strerror (-r));

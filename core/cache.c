@@ -5,6 +5,7 @@
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "cache.h"
 #include "io.h"
@@ -19,6 +20,8 @@ struct slice {
   enum slice_state state;
   int error;
   bool hashed;              /* in the shard's hash table and LRU list */
+  bool dirty;               /* newer than the disk: never evicted */
+  bool discarded;           /* freed while loading: drop once loaded */
 };
 
 struct shard {
@@ -28,6 +31,7 @@ struct shard {
   size_t nbuckets;
   struct slice lru;         /* sentinel: lru.lru_next is most recent */
   size_t count, capacity;
+  size_t dirty;
 };
 
 struct qcow2_cache {
@@ -84,6 +88,10 @@ unhash (struct qcow2_cache *c, struct shard *s, struct slice *e)
   lru_unlink (e);
   e->hashed = false;
   s->count--;
+  if (e->dirty) {
+    e->dirty = false;
+    s->dirty--;
+  }
 }
 
 static void
@@ -159,7 +167,7 @@ take_free_slice (struct qcow2_cache *c, struct shard *s)
 {
   if (s->count >= s->capacity) {
     for (struct slice *e = s->lru.lru_prev; e != &s->lru; e = e->lru_prev) {
-      if (e->pins == 0) {
+      if (e->pins == 0 && !e->dirty) {
         unhash (c, s, e);
         return e;
       }
@@ -225,6 +233,7 @@ qcow2_cache_get (struct qcow2_cache *c, uint64_t offset,
   e->pub.offset = offset;
   e->pins = 1;
   e->state = SLICE_LOADING;
+  e->discarded = false;
   e->hashed = true;
   struct slice **b = bucket_of (c, s, offset);
   e->hash_next = *b;
@@ -239,11 +248,15 @@ qcow2_cache_get (struct qcow2_cache *c, uint64_t offset,
   if (r < 0) {
     e->state = SLICE_FAILED;
     e->error = r;
-    unhash (c, s, e);
+    if (e->hashed)
+      unhash (c, s, e);
     unpin_locked (e);
   }
-  else
+  else {
     e->state = SLICE_READY;
+    if (e->discarded && e->hashed)
+      unhash (c, s, e);
+  }
   pthread_cond_broadcast (&s->loaded);
   pthread_mutex_unlock (&s->lock);
   if (r < 0)
@@ -261,4 +274,153 @@ qcow2_cache_put (struct qcow2_cache *c, struct qcow2_slice *slice)
   pthread_mutex_lock (&s->lock);
   unpin_locked (e);
   pthread_mutex_unlock (&s->lock);
+}
+
+int
+qcow2_cache_get_new (struct qcow2_cache *c, uint64_t offset,
+                     struct qcow2_slice **slice_out)
+{
+  struct shard *s = shard_of (c, offset);
+  struct slice *e;
+
+  pthread_mutex_lock (&s->lock);
+  for (e = *bucket_of (c, s, offset); e; e = e->hash_next)
+    if (e->pub.offset == offset)
+      break;
+  if (e) {
+    e->pins++;
+    while (e->state == SLICE_LOADING)
+      pthread_cond_wait (&s->loaded, &s->lock);
+    if (!e->hashed) {
+      /* Failed or discarded while loading: replace it below. */
+      unpin_locked (e);
+      e = NULL;
+    }
+    else
+      lru_unlink (e);
+  }
+  if (!e) {
+    e = take_free_slice (c, s);
+    if (!e) {
+      pthread_mutex_unlock (&s->lock);
+      return -ENOMEM;
+    }
+    e->pub.offset = offset;
+    e->pins = 1;
+    e->hashed = true;
+    e->discarded = false;
+    struct slice **b = bucket_of (c, s, offset);
+    e->hash_next = *b;
+    *b = e;
+    s->count++;
+  }
+  lru_push_front (s, e);
+  e->state = SLICE_READY;
+  memset (e->pub.data, 0, c->slice_size);
+  if (!e->dirty) {
+    e->dirty = true;
+    s->dirty++;
+  }
+  pthread_mutex_unlock (&s->lock);
+  *slice_out = &e->pub;
+  return 0;
+}
+
+void
+qcow2_cache_mark_dirty (struct qcow2_cache *c, struct qcow2_slice *slice)
+{
+  struct slice *e = (struct slice *) slice;
+  struct shard *s = shard_of (c, slice->offset);
+
+  pthread_mutex_lock (&s->lock);
+  if (!e->dirty && e->hashed) {
+    e->dirty = true;
+    s->dirty++;
+  }
+  pthread_mutex_unlock (&s->lock);
+}
+
+size_t
+qcow2_cache_dirty_count (struct qcow2_cache *c)
+{
+  size_t n = 0;
+
+  for (size_t i = 0; i < c->nshards; i++) {
+    pthread_mutex_lock (&c->shards[i].lock);
+    n += c->shards[i].dirty;
+    pthread_mutex_unlock (&c->shards[i].lock);
+  }
+  return n;
+}
+
+/* Modifications are serialised by the caller (see cache.h), so a slice
+ * cannot be dirtied again while it is being written here; pinning keeps
+ * it in place without the shard lock held across the I/O.
+ */
+int
+qcow2_cache_writeback (struct qcow2_cache *c)
+{
+  for (size_t i = 0; i < c->nshards; i++) {
+    struct shard *s = &c->shards[i];
+    struct slice **list;
+    size_t n = 0;
+    int r = 0;
+
+    pthread_mutex_lock (&s->lock);
+    if (s->dirty == 0) {
+      pthread_mutex_unlock (&s->lock);
+      continue;
+    }
+    list = malloc (s->dirty * sizeof *list);
+    if (!list) {
+      pthread_mutex_unlock (&s->lock);
+      return -ENOMEM;
+    }
+    for (struct slice *e = s->lru.lru_next; e != &s->lru; e = e->lru_next)
+      if (e->dirty) {
+        e->pins++;
+        list[n++] = e;
+      }
+    pthread_mutex_unlock (&s->lock);
+
+    for (size_t j = 0; j < n; j++) {
+      struct slice *e = list[j];
+      if (r == 0)
+        r = c->io->ops->pwrite (c->io, e->pub.data, c->slice_size,
+                                e->pub.offset);
+      pthread_mutex_lock (&s->lock);
+      if (r == 0 && e->dirty) {
+        e->dirty = false;
+        s->dirty--;
+      }
+      unpin_locked (e);
+      pthread_mutex_unlock (&s->lock);
+    }
+    free (list);
+    if (r < 0)
+      return r;
+  }
+  return 0;
+}
+
+void
+qcow2_cache_discard (struct qcow2_cache *c, uint64_t offset, uint64_t len)
+{
+  for (uint64_t o = offset; o < offset + len; o += c->slice_size) {
+    struct shard *s = shard_of (c, o);
+    struct slice *e;
+
+    pthread_mutex_lock (&s->lock);
+    for (e = *bucket_of (c, s, o); e; e = e->hash_next)
+      if (e->pub.offset == o)
+        break;
+    if (e && e->state == SLICE_LOADING)
+      e->discarded = true;
+    else if (e) {
+      unhash (c, s, e);
+      if (e->pins == 0)
+        slice_free (e);
+    }
+    pthread_mutex_unlock (&s->lock);
+  }
 }

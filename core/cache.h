@@ -38,4 +38,31 @@ int qcow2_cache_get (struct qcow2_cache *c, uint64_t offset,
                      struct qcow2_slice **slice_out);
 void qcow2_cache_put (struct qcow2_cache *c, struct qcow2_slice *slice);
 
+/* Writing.  The engine serialises every modification and write-back of
+ * a cache under its metadata lock; readers may run at the same time.
+ *
+ * A dirty slice is never evicted: it stays until qcow2_cache_writeback,
+ * which is what lets the engine order metadata writes (refcounts before
+ * the L2 entries that use them, data before both).  Callers bound the
+ * number of dirty slices by writing back when qcow2_cache_dirty_count
+ * grows large.
+ */
+
+/* Pin the slice at offset with zeroed contents and mark it dirty, without
+ * reading the disk: for a newly allocated table.
+ */
+int qcow2_cache_get_new (struct qcow2_cache *c, uint64_t offset,
+                         struct qcow2_slice **slice_out);
+void qcow2_cache_mark_dirty (struct qcow2_cache *c, struct qcow2_slice *slice);
+size_t qcow2_cache_dirty_count (struct qcow2_cache *c);
+
+/* Write every dirty slice (no sync).  On error the slices stay dirty. */
+int qcow2_cache_writeback (struct qcow2_cache *c);
+
+/* Forget the slices in [offset, offset + len): the clusters were freed
+ * and may be reused for something else.  Dirty contents are dropped.
+ */
+void qcow2_cache_discard (struct qcow2_cache *c, uint64_t offset,
+                          uint64_t len);
+
 #endif /* QCOW2_CACHE_H */

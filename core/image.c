@@ -15,6 +15,8 @@
 #include "crypt.h"
 #include "internal.h"
 #include "io.h"
+#include "lock.h"
+#include "rangelock.h"
 #include "util.h"
 
 /* QEMU's cap for the default L2 cache on Linux (docs/qcow2-cache.txt). */
@@ -53,6 +55,12 @@ bool
 qcow2_is_encrypted (const struct qcow2_image *img)
 {
   return img->crypt != NULL;
+}
+
+bool
+qcow2_is_writable (const struct qcow2_image *img)
+{
+  return __atomic_load_n (&img->w, __ATOMIC_ACQUIRE) != NULL;
 }
 
 static void
@@ -144,8 +152,15 @@ open_crypt (struct qcow2_image *img, const char *passphrase)
   return r;
 }
 
+/* The data file named by the image is a file the image makes us open, like
+ * a backing file: with follow_backing off it is refused (only the user's
+ * data-file= override is opened), or an untrusted image could name any
+ * file the server can read (/etc/shadow...) and have it served as guest
+ * data.
+ */
 static int
-open_data_file (struct qcow2_image *img, const char *override)
+open_data_file (struct qcow2_image *img, const char *override,
+                bool follow_backing, enum qcow2_io_mode mode)
 {
   const char *name = override ? override : img->h.data_file;
   char *path;
@@ -166,12 +181,18 @@ open_data_file (struct qcow2_image *img, const char *override)
                  "(give one with data-file=)", img->filename);
     return -EINVAL;
   }
+  if (!override && !follow_backing) {
+    qcow2_error ("%s: the image names an external data file (%s) but "
+                 "following backing files is disabled (give data-file=)",
+                 img->filename, name);
+    return -EPERM;
+  }
   /* A user's override is trusted as given; the image's own name is not. */
   path = override ? strdup (override)
                   : qcow2_resolve_path (img->filename, name, "data file");
   if (!path)
     return override ? -ENOMEM : -EPERM;
-  r = qcow2_io_file_open (path, false, &img->data_io);
+  r = qcow2_io_file_open (path, mode, &img->data_io);
   if (r < 0) {
     img->data_io = img->io;
     qcow2_error ("%s: could not open data file %s: %s", img->filename, path,
@@ -180,6 +201,106 @@ open_data_file (struct qcow2_image *img, const char *override)
   else if ((r = qcow2_io_get_size (img->data_io, &img->data_file_size)) < 0)
     qcow2_error ("%s: %s: %s", img->filename, path, strerror (-r));
   free (path);
+  return r;
+}
+
+/* QEMU-compatible locks on the image file and its data file. */
+static int
+take_locks (struct qcow2_image *img, bool enable, bool writable)
+{
+  struct qcow2_io *ios[2] = { img->io, img->data_io };
+  int r;
+
+  img->locked = enable;
+  if (!enable)
+    return 0;
+  for (int i = 0; i < (img->data_io != img->io ? 2 : 1); i++) {
+    int fd = ios[i]->ops->fd ? ios[i]->ops->fd (ios[i]) : -1;
+    if (fd >= 0 && (r = qcow2_lock_image (fd, writable, img->filename)) < 0)
+      return r;
+  }
+  return 0;
+}
+
+static void
+free_writer (struct qcow2_image *img, struct qcow2_writer *w)
+{
+  struct qcow2_writer *saved = img->w;
+
+  img->w = w;
+  if (w->reftable || w->refblock_cache)
+    qcow2_refcount_fini (img);
+  qcow2_rangelock_free (w->ranges);
+  pthread_mutex_destroy (&w->lock);
+  free (w);
+  img->w = saved == w ? NULL : saved;
+}
+
+int
+qcow2_enable_write (struct qcow2_image *img)
+{
+  struct qcow2_writer *w;
+  uint64_t autoclear;
+  int r;
+
+  if (img->w)
+    return 0;
+  if (img->h.incompatible_features & QCOW2_INCOMPAT_CORRUPT) {
+    qcow2_error ("%s: Image is corrupt; cannot be opened read/write",
+                 img->filename);
+    return -EACCES;
+  }
+  if (img->h.incompatible_features & QCOW2_INCOMPAT_DIRTY) {
+    qcow2_error ("%s: the image is dirty (its refcounts may be stale after "
+                 "lazy refcount updates); repair it with 'qemu-img check "
+                 "-r all' before writing to it", img->filename);
+    return -EPERM;
+  }
+  if (!qcow2_io_is_writable (img->io) ||
+      (img->data_io != img->io && !qcow2_io_is_writable (img->data_io))) {
+    qcow2_error ("%s: the image (or its data file) cannot be opened for "
+                 "writing", img->filename);
+    return -EROFS;
+  }
+  r = take_locks (img, img->locked, true);
+  if (r < 0)
+    return r;
+
+  w = calloc (1, sizeof *w);
+  if (!w)
+    return -ENOMEM;
+  pthread_mutex_init (&w->lock, NULL);
+  w->ranges = qcow2_rangelock_new ();
+  /* refcount.c works on img->w; publish it to readers only at the end. */
+  img->w = w;
+  r = w->ranges ? qcow2_refcount_init (img) : -ENOMEM;
+  img->w = NULL;
+  if (r < 0)
+    goto fail;
+
+  /* Autoclear bits we do not maintain must be cleared before the first
+   * write (spec); that includes the bitmaps bit: we do not update
+   * bitmaps, so they become known-stale.
+   */
+  autoclear = img->h.autoclear_features & QCOW2_AUTOCLEAR_DATA_RAW;
+  if (img->h.version >= 3 && autoclear != img->h.autoclear_features) {
+    unsigned char field[8];
+    put_be64 (field, autoclear);
+    r = qcow2_io_pwrite (img->io, field, sizeof field, 88);
+    if (r == 0)
+      r = qcow2_io_flush (img->io);
+    if (r < 0) {
+      qcow2_error ("%s: could not update the header: %s", img->filename,
+                   strerror (-r));
+      goto fail;
+    }
+    img->h.autoclear_features = autoclear;
+  }
+  __atomic_store_n (&img->w, w, __ATOMIC_RELEASE);
+  return 0;
+
+ fail:
+  free_writer (img, w);
   return r;
 }
 
@@ -223,12 +344,6 @@ qcow2_image_open (struct qcow2_io *io, const struct qcow2_open_options *opts,
     r = -ENOTSUP;
     goto fail;
   }
-  if (opts->writable) {
-    qcow2_error ("%s: writing qcow2 images is not supported yet; open it "
-                 "read-only", filename);
-    r = -EROFS;
-    goto fail;
-  }
 
   if ((r = load_l1 (img)) < 0 ||
       (r = qcow2_snapshots_read (io, img->file_size, &img->h,
@@ -238,8 +353,13 @@ qcow2_image_open (struct qcow2_io *io, const struct qcow2_open_options *opts,
 
   if ((r = create_cache (img, opts->cache_size)) < 0 ||
       (r = open_crypt (img, opts->passphrase)) < 0 ||
-      (r = open_data_file (img, opts->data_file)) < 0 ||
+      (r = open_data_file (img, opts->data_file, opts->follow_backing,
+                           chain->depth == 1 ? QCOW2_IO_PREFER_WRITE
+                                             : QCOW2_IO_READ_ONLY)) < 0 ||
+      (r = take_locks (img, opts->lock, false)) < 0 ||
       (r = qcow2_backing_open (img, opts, chain)) < 0)
+    goto fail;
+  if (opts->writable && (r = qcow2_enable_write (img)) < 0)
     goto fail;
 
   *image_out = img;
@@ -268,7 +388,9 @@ qcow2_open (const struct qcow2_open_options *opts,
   int r;
 
   *image_out = NULL;
-  r = qcow2_io_file_open (opts->filename, opts->writable, &io);
+  r = qcow2_io_file_open (opts->filename,
+                          opts->writable ? QCOW2_IO_READ_WRITE
+                                         : QCOW2_IO_PREFER_WRITE, &io);
   if (r < 0) {
     qcow2_error ("%s: %s", opts->filename, strerror (-r));
     return r;
@@ -285,6 +407,16 @@ qcow2_close (struct qcow2_image *img)
 {
   if (!img)
     return;
+  if (img->w) {
+    /* Two syncs: the second writes the refcount decrements that the
+     * first applied.  Failures were reported; nothing more to do.
+     */
+    pthread_mutex_lock (&img->w->lock);
+    if (qcow2_sync_metadata (img) == 0)
+      qcow2_sync_metadata (img);
+    pthread_mutex_unlock (&img->w->lock);
+    free_writer (img, img->w);
+  }
   qcow2_backing_close (img);
   if (img->data_io != img->io)
     qcow2_io_close (img->data_io);

@@ -14,12 +14,16 @@
 #ifndef QCOW2_INTERNAL_H
 #define QCOW2_INTERNAL_H
 
+#include <endian.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
 #include "qcow2.h"
 #include "format.h"
+
+struct qcow2_slice;
 
 struct qcow2_io;
 struct qcow2_cache;
@@ -103,8 +107,34 @@ void qcow2_snapshots_free (struct qcow2_snapshot *snaps, uint32_t n);
 /* What lies below an image where its clusters are unallocated. */
 enum qcow2_backing_kind { BACKING_NONE, BACKING_QCOW2, BACKING_RAW };
 
-/* An open image.  Everything here is set at open and immutable afterwards
- * (reads need no lock); mutable state lives in the cache.
+/* A cluster range whose refcounts drop once the L2 (or L1) change that
+ * unreferenced it is on disk: see flush.c.
+ */
+struct qcow2_pending_free {
+  uint64_t offset, length;
+};
+
+/* State of an image opened for writing.  Everything here is protected by
+ * `lock`, the metadata lock, which is never held across guest data I/O.
+ */
+struct qcow2_writer {
+  pthread_mutex_t lock;
+  uint64_t *reftable;             /* host byte order */
+  uint64_t reftable_entries;
+  uint64_t reftable_offset;
+  struct qcow2_cache *refblock_cache;
+  uint32_t refcount_bits;
+  uint64_t refcount_max;
+  uint64_t refblock_entries;      /* refcounts per refcount block */
+  uint64_t free_hint;             /* no free cluster below this index */
+  struct qcow2_pending_free *pending;
+  size_t nr_pending, cap_pending;
+  struct qcow2_rangelock *ranges; /* per guest cluster: see rangelock.h */
+};
+
+/* An open image.  Geometry and tables are set at open; the mutable parts
+ * (the L1 entries, the caches, file_size, the writer) are changed only
+ * under the writer's lock and read with atomic loads.
  */
 struct qcow2_image {
   char *filename;
@@ -142,6 +172,9 @@ struct qcow2_image {
   struct qcow2_snapshot *snapshots;
   uint32_t nb_snapshots;
 
+  struct qcow2_writer *w;        /* NULL when read-only */
+  bool locked;                  /* holds QEMU-compatible image locks */
+
   enum qcow2_backing_kind backing_kind;
   struct qcow2_image *backing;  /* BACKING_QCOW2 */
   struct qcow2_io *backing_raw; /* BACKING_RAW */
@@ -153,7 +186,8 @@ enum qcow2_run_kind {
   RUN_UNALLOCATED,   /* read from below (backing file, or zeros) */
   RUN_ZERO_PLAIN,    /* zeros, no host cluster */
   RUN_ZERO_ALLOC,    /* zeros, host cluster preallocated */
-  RUN_DATA,          /* host_offset .. + length in data_io */
+  RUN_DATA,          /* host_offset .. + length in data_io; `copied`
+                      * when exclusively owned (writable in place) */
   RUN_COMPRESSED,    /* inside one compressed cluster, descriptor in host_offset */
 };
 
@@ -162,6 +196,7 @@ struct qcow2_run {
   uint64_t length;       /* > 0, never crossing the requested end */
   uint64_t host_offset;  /* RUN_DATA: host offset of the first byte;
                           * RUN_COMPRESSED: the L2 descriptor */
+  bool copied;           /* RUN_DATA: COPIED set on every cluster */
 };
 
 /* Describe guest bytes from offset (< disk size) up to at most max_len
@@ -182,7 +217,7 @@ int qcow2_decompress (uint8_t compression_type, const void *in, size_t in_len,
  * (compressed input, decompressed clusters).  which selects one of a few
  * independent buffers.
  */
-enum { SCRATCH_COMPRESSED, SCRATCH_CLUSTER, SCRATCH_COUNT };
+enum { SCRATCH_COMPRESSED, SCRATCH_CLUSTER, SCRATCH_WRITE, SCRATCH_COUNT };
 void *qcow2_scratch (unsigned which, size_t len);
 
 /* An image being opened and those above it, for loop and depth checks. */
@@ -220,5 +255,94 @@ int qcow2_read_l1 (struct qcow2_image *img, const uint64_t *l1,
 /* Read from below the image; zeros past the backing size. */
 int qcow2_read_backing (struct qcow2_image *img, void *buf, uint64_t len,
                         uint64_t offset);
+
+/* refcount.c: under the writer lock. */
+int qcow2_refcount_init (struct qcow2_image *img);
+void qcow2_refcount_fini (struct qcow2_image *img);
+int qcow2_refcount_get (struct qcow2_image *img, uint64_t cluster,
+                        uint64_t *refcount);
+int qcow2_refcount_update (struct qcow2_image *img, uint64_t cluster,
+                           int delta);
+/* Allocate n contiguous clusters with refcount 1. */
+int qcow2_alloc_clusters (struct qcow2_image *img, uint64_t n,
+                          uint64_t *offset_out);
+/* Drop one reference to every cluster overlapping [offset, offset + len)
+ * after the next metadata sync (see flush.c).
+ */
+int qcow2_free_later (struct qcow2_image *img, uint64_t offset, uint64_t len);
+
+/* cluster.c: L2 entries for writers, under the writer lock. */
+
+/* Pin the L2 slice holding the entry of guest offset `guest`, first
+ * allocating the L2 table, or copying it if it is shared with a snapshot,
+ * so the entry may be changed.  *index is the entry's index in the slice.
+ */
+int qcow2_l2_slice_for_write (struct qcow2_image *img, uint64_t guest,
+                              struct qcow2_slice **slice, uint64_t *index);
+
+/* Read the entry (and extended L2 bitmap) of guest offset `guest`; zero
+ * when no L2 table covers it.
+ */
+int qcow2_l2_entry_get (struct qcow2_image *img, uint64_t guest,
+                        uint64_t *entry, uint64_t *bitmap);
+
+/* How an L2 entry stands for a writer. */
+struct qcow2_entry {
+  uint64_t entry, bitmap;
+  uint64_t host;        /* host cluster offset, when allocated */
+  bool allocated;       /* has a host cluster (data or preallocated zero) */
+  bool compressed;
+  bool owned;           /* allocated and COPIED: may be written in place */
+};
+
+void qcow2_entry_classify (const struct qcow2_image *img, uint64_t entry,
+                           uint64_t bitmap, struct qcow2_entry *st);
+
+/* These two take the writer lock themselves. */
+int qcow2_entry_lookup (struct qcow2_image *img, uint64_t guest,
+                        struct qcow2_entry *st);
+/* Set the entry of guest cluster `guest`; with release_old, queue the
+ * release of the clusters the old entry referenced.
+ */
+int qcow2_entry_publish (struct qcow2_image *img, uint64_t guest,
+                         uint64_t entry, uint64_t bitmap, bool release_old);
+
+/* write.c: write through allocation, with the clusters' range locks held
+ * exclusive by the caller.
+ */
+int qcow2_write_locked (struct qcow2_image *img, const unsigned char *buf,
+                        uint64_t len, uint64_t offset);
+
+/* flush.c: under the writer lock. */
+int qcow2_sync_metadata (struct qcow2_image *img);
+
+/* L2 entries stay in on-disk byte order in the cache.  Loads and stores
+ * are atomic so readers need no lock while a writer publishes an entry.
+ */
+static inline uint64_t
+qcow2_l2_load (const unsigned char *p)
+{
+  return be64toh (__atomic_load_n ((const uint64_t *) p,
+                                   __ATOMIC_ACQUIRE));
+}
+
+static inline void
+qcow2_l2_store (unsigned char *p, uint64_t v)
+{
+  __atomic_store_n ((uint64_t *) p, htobe64 (v), __ATOMIC_RELEASE);
+}
+
+/* Atomic view of the mutable sizes and table entries. */
+static inline uint64_t
+qcow2_file_size (const struct qcow2_image *img)
+{
+  return __atomic_load_n (&img->file_size, __ATOMIC_ACQUIRE);
+}
+
+static inline uint64_t
+qcow2_l1_entry (const uint64_t *l1, uint64_t index)
+{
+  return __atomic_load_n (&l1[index], __ATOMIC_ACQUIRE);
+}
 
 #endif /* QCOW2_INTERNAL_H */

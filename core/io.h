@@ -24,6 +24,12 @@ struct qcow2_io_ops {
                  uint64_t offset);
   int (*flush) (struct qcow2_io *io);
   int (*get_size) (struct qcow2_io *io, uint64_t *size);
+  /* Deallocate [offset, offset + len) so it reads as zeros and takes no
+   * space; -ENOTSUP where the backend cannot.
+   */
+  int (*punch_hole) (struct qcow2_io *io, uint64_t offset, uint64_t len);
+  /* The file descriptor behind the backend, or -1 (for image locks). */
+  int (*fd) (struct qcow2_io *io);
   void (*close) (struct qcow2_io *io);
 };
 
@@ -43,6 +49,19 @@ qcow2_io_get_size (struct qcow2_io *io, uint64_t *size)
   return io->ops->get_size (io, size);
 }
 
+static inline int
+qcow2_io_pwrite (struct qcow2_io *io, const void *buf, size_t len,
+                 uint64_t offset)
+{
+  return io->ops->pwrite (io, buf, len, offset);
+}
+
+static inline int
+qcow2_io_flush (struct qcow2_io *io)
+{
+  return io->ops->flush (io);
+}
+
 static inline void
 qcow2_io_close (struct qcow2_io *io)
 {
@@ -50,9 +69,21 @@ qcow2_io_close (struct qcow2_io *io)
     io->ops->close (io);
 }
 
+enum qcow2_io_mode {
+  QCOW2_IO_READ_ONLY,
+  QCOW2_IO_READ_WRITE,
+  /* Read-write when permissions allow, so an image can be made writable
+   * later without reopening it; read-only otherwise.
+   */
+  QCOW2_IO_PREFER_WRITE,
+};
+
 /* A host file.  Returns -errno. */
-int qcow2_io_file_open (const char *path, bool writable,
+int qcow2_io_file_open (const char *path, enum qcow2_io_mode mode,
                         struct qcow2_io **io_out);
+
+/* Can the backend be written? */
+bool qcow2_io_is_writable (struct qcow2_io *io);
 
 /* A read-only view of a memory buffer; the buffer is not copied and must
  * outlive the io.

@@ -76,6 +76,23 @@ file_get_size (struct qcow2_io *io, uint64_t *size)
   return 0;
 }
 
+static int
+file_punch_hole (struct qcow2_io *io, uint64_t offset, uint64_t len)
+{
+  struct file_io *f = (struct file_io *) io;
+
+  if (fallocate (f->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                 (off_t) offset, (off_t) len) == -1)
+    return errno == EOPNOTSUPP ? -ENOTSUP : -errno;
+  return 0;
+}
+
+static int
+file_fd (struct qcow2_io *io)
+{
+  return ((struct file_io *) io)->fd;
+}
+
 static void
 file_close (struct qcow2_io *io)
 {
@@ -89,17 +106,24 @@ static const struct qcow2_io_ops file_ops = {
   .pwrite = file_pwrite,
   .flush = file_flush,
   .get_size = file_get_size,
+  .punch_hole = file_punch_hole,
+  .fd = file_fd,
   .close = file_close,
 };
 
 int
-qcow2_io_file_open (const char *path, bool writable, struct qcow2_io **io_out)
+qcow2_io_file_open (const char *path, enum qcow2_io_mode mode,
+                    struct qcow2_io **io_out)
 {
   struct file_io *f;
   struct stat st;
   int fd;
 
-  fd = open (path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
+  fd = open (path, (mode == QCOW2_IO_READ_ONLY ? O_RDONLY : O_RDWR) |
+            O_CLOEXEC);
+  if (fd == -1 && mode == QCOW2_IO_PREFER_WRITE &&
+      (errno == EACCES || errno == EROFS || errno == EPERM))
+    fd = open (path, O_RDONLY | O_CLOEXEC);
   if (fd == -1)
     return -errno;
   if (fstat (fd, &st) == -1 || !S_ISREG (st.st_mode)) {
@@ -118,4 +142,13 @@ qcow2_io_file_open (const char *path, bool writable, struct qcow2_io **io_out)
   f->fd = fd;
   *io_out = &f->io;
   return 0;
+}
+
+bool
+qcow2_io_is_writable (struct qcow2_io *io)
+{
+  int fd = io->ops->fd ? io->ops->fd (io) : -1;
+  int flags = fd >= 0 ? fcntl (fd, F_GETFL) : -1;
+
+  return flags != -1 && (flags & O_ACCMODE) == O_RDWR;
 }

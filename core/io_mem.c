@@ -44,6 +44,20 @@ mem_get_size (struct qcow2_io *io, uint64_t *size)
   return 0;
 }
 
+static int
+mem_punch_hole (struct qcow2_io *io, uint64_t offset, uint64_t len)
+{
+  (void) io; (void) offset; (void) len;
+  return -ENOTSUP;
+}
+
+static int
+mem_fd (struct qcow2_io *io)
+{
+  (void) io;
+  return -1;
+}
+
 static void
 mem_close (struct qcow2_io *io)
 {
@@ -55,6 +69,8 @@ static const struct qcow2_io_ops mem_ops = {
   .pwrite = mem_pwrite,
   .flush = mem_flush,
   .get_size = mem_get_size,
+  .punch_hole = mem_punch_hole,
+  .fd = mem_fd,
   .close = mem_close,
 };
 

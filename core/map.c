@@ -11,20 +11,12 @@
  * Corrupt entries fail with -EIO and one message naming the entry, in
  * QEMU's words (qcow2_get_host_offset).
  */
-#include <endian.h>
 #include <errno.h>
 #include <inttypes.h>
 
 #include "cache.h"
 #include "internal.h"
 #include "util.h"
-
-/* L2 entries are read with atomic loads: see cache.h. */
-static uint64_t
-load_be64 (const unsigned char *p)
-{
-  return be64toh (__atomic_load_n ((const uint64_t *) p, __ATOMIC_RELAXED));
-}
 
 struct entry_view {
   uint64_t l2_offset;
@@ -127,12 +119,13 @@ qcow2_map (struct qcow2_image *img, const uint64_t *l1, uint32_t l1_size,
   /* Clip to this L2 table's coverage. */
   end = offset + min_u64 (max_len, ((l1_index + 1) << l2_shift) - offset);
 
-  l1e = l1_index < l1_size ? l1[l1_index] : 0;
+  l1e = l1_index < l1_size ? qcow2_l1_entry (l1, l1_index) : 0;
   l2_offset = l1e & QCOW2_L1E_OFFSET_MASK;
   if (l2_offset == 0) {
     run->kind = RUN_UNALLOCATED;
     run->length = end - offset;
     run->host_offset = 0;
+    run->copied = false;
     return 0;
   }
   if (!is_aligned (l2_offset, img->cluster_size)) {
@@ -140,7 +133,7 @@ qcow2_map (struct qcow2_image *img, const uint64_t *l1, uint32_t l1_size,
                  PRIx64 ")", l2_offset, l1_index);
     return -EIO;
   }
-  if (range_exceeds (l2_offset, img->cluster_size, img->file_size)) {
+  if (range_exceeds (l2_offset, img->cluster_size, qcow2_file_size (img))) {
     qcow2_error ("L2 table offset %#" PRIx64 " (L1 index: %#" PRIx64
                  ") lies past the end of the file", l2_offset, l1_index);
     return -EIO;
@@ -169,8 +162,8 @@ qcow2_map (struct qcow2_image *img, const uint64_t *l1, uint32_t l1_size,
     uint64_t guest_cluster = pos & ~(img->cluster_size - 1);
     uint64_t idx = ((pos >> cbits) & (img->l2_entries - 1)) - slice_first;
     const unsigned char *p = slice->data + idx * img->l2_entry_bytes;
-    uint64_t entry = load_be64 (p);
-    uint64_t bitmap = img->extended_l2 ? load_be64 (p + 8) : 0;
+    uint64_t entry = qcow2_l2_load (p);
+    uint64_t bitmap = img->extended_l2 ? qcow2_l2_load (p + 8) : 0;
     uint64_t unit = img->extended_l2 ? img->subcluster_size
                                      : img->cluster_size;
     unsigned sc = (unsigned) ((pos - guest_cluster) >> img->subcluster_bits);
@@ -187,14 +180,18 @@ qcow2_map (struct qcow2_image *img, const uint64_t *l1, uint32_t l1_size,
     unit_start = pos & ~(unit - 1);
     unit_end = min_u64 (unit_start + unit, end);
 
+    bool copied = img->external_data || (entry & QCOW2_OFLAG_COPIED);
     if (pos == offset) {
       run->kind = kind;
       run->host_offset = kind == RUN_COMPRESSED ? host
                          : host + (pos - guest_cluster);
+      run->copied = copied;
     }
     else if (kind != run->kind || kind == RUN_COMPRESSED ||
              (kind == RUN_DATA &&
-              host + (pos - guest_cluster) != run->host_offset + (pos - offset)))
+              (copied != run->copied ||
+               host + (pos - guest_cluster) !=
+               run->host_offset + (pos - offset))))
       break;
     pos = unit_end;
     if (kind == RUN_COMPRESSED)

@@ -25,14 +25,19 @@ struct qcow2_open_options {
    */
   const char *filename;
 
-  /* Open for writing.  Not supported yet: qcow2_open refuses it. */
+  /* Open for writing. */
   bool writable;
+
+  /* Take QEMU-compatible image locks (see lock.h). */
+  bool lock;
 
   /* Passphrase for encrypted images (legacy AES or LUKS); NULL if none. */
   const char *passphrase;
 
   /* Follow backing files.  When false an image with a backing file is
-   * refused, so an untrusted image cannot make us open other files.
+   * refused, and so is one naming an external data file unless data_file
+   * overrides the name, so an untrusted image cannot make us open other
+   * files.
    */
   bool follow_backing;
 
@@ -68,6 +73,13 @@ int qcow2_open_io (struct qcow2_io *io, const struct qcow2_open_options *opts,
 
 void qcow2_close (struct qcow2_image *image);
 
+/* Make an image opened read-only writable: take the write locks, clear
+ * the autoclear bits we do not maintain, load the refcount table.  Refuses
+ * corrupt and dirty images.  Callers serialise calls; reads may run
+ * meanwhile.
+ */
+int qcow2_enable_write (struct qcow2_image *image);
+
 /* Virtual disk size in bytes. */
 uint64_t qcow2_get_size (const struct qcow2_image *image);
 uint32_t qcow2_get_cluster_size (const struct qcow2_image *image);
@@ -78,6 +90,31 @@ bool qcow2_is_encrypted (const struct qcow2_image *image);
  */
 int qcow2_read (struct qcow2_image *image, void *buf, uint64_t len,
                 uint64_t offset);
+
+/* Write len bytes at offset.  With fua, the data and the metadata that
+ * reaches it are durable when this returns.
+ */
+int qcow2_write (struct qcow2_image *image, const void *buf, uint64_t len,
+                 uint64_t offset, bool fua);
+
+/* Make [offset, offset + len) read as zeros.  may_trim lets the engine
+ * release host clusters; with fast_only, fail with -ENOTSUP (changing
+ * nothing) where zeroing would mean writing data.
+ */
+int qcow2_zero (struct qcow2_image *image, uint64_t len, uint64_t offset,
+                bool may_trim, bool fast_only, bool fua);
+
+/* Release the whole clusters (and subclusters) of [offset, offset + len);
+ * what the range reads afterwards is unspecified but never stale data
+ * from below.  Partial clusters are left alone, as trim is advisory.
+ */
+int qcow2_trim (struct qcow2_image *image, uint64_t len, uint64_t offset,
+                bool fua);
+
+/* Make every completed write durable. */
+int qcow2_flush (struct qcow2_image *image);
+
+bool qcow2_is_writable (const struct qcow2_image *image);
 
 /* Block status.  Extent flags use NBD's base:allocation bits. */
 #define QCOW2_EXTENT_HOLE 1u /* not allocated in this image or below */

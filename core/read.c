@@ -26,14 +26,14 @@ read_host (struct qcow2_image *img, void *buf, uint64_t len, uint64_t host)
   int r;
 
   if (img->external_data) {
-    uint64_t n = host < img->data_file_size
-                 ? min_u64 (len, img->data_file_size - host) : 0;
+    uint64_t size = __atomic_load_n (&img->data_file_size, __ATOMIC_ACQUIRE);
+    uint64_t n = host < size ? min_u64 (len, size - host) : 0;
     memset ((char *) buf + n, 0, len - n);
     if (n == 0)
       return 0;
     len = n;
   }
-  else if (range_exceeds (host, len, img->file_size)) {
+  else if (range_exceeds (host, len, qcow2_file_size (img))) {
     qcow2_error ("data cluster at host offset %#" PRIx64
                  " lies past the end of the file", host);
     return -EIO;
@@ -109,13 +109,13 @@ read_compressed (struct qcow2_image *img, unsigned char *buf, uint64_t len,
   unsigned char *in, *out;
   int r;
 
-  if (coffset == 0 || coffset >= img->file_size) {
+  if (coffset == 0 || coffset >= qcow2_file_size (img)) {
     qcow2_error ("compressed cluster at guest offset %#" PRIx64
                  " has invalid host offset %#" PRIx64, guest - in_cluster,
                  coffset);
     return -EIO;
   }
-  csize = min_u64 (csize, img->file_size - coffset);
+  csize = min_u64 (csize, qcow2_file_size (img) - coffset);
 
   in = qcow2_scratch (SCRATCH_COMPRESSED, csize);
   out = len == img->cluster_size ? buf

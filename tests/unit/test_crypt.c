@@ -320,7 +320,7 @@ test_luks_fixture (const char *dir, const char *name,
   struct qcow2_crypt *c;
   int r;
 
-  r = qcow2_io_file_open (path, false, &io);
+  r = qcow2_io_file_open (path, QCOW2_IO_READ_ONLY, &io);
   CHECK (r == 0, "%s: open: %d", path, r);
   if (r < 0)
     goto out;
@@ -366,7 +366,7 @@ test_legacy_fixture (const char *dir)
   unsigned char *buf;
   int r;
 
-  r = qcow2_io_file_open (path, false, &io);
+  r = qcow2_io_file_open (path, QCOW2_IO_READ_ONLY, &io);
   CHECK (r == 0, "%s: open: %d", path, r);
   if (r < 0)
     goto out;
@@ -472,7 +472,7 @@ test_luks_mutations (const char *dir)
   struct image_info ii;
   int r;
 
-  r = qcow2_io_file_open (path, false, &io);
+  r = qcow2_io_file_open (path, QCOW2_IO_READ_ONLY, &io);
   CHECK (r == 0, "%s: open: %d", path, r);
   if (r < 0) {
     free (path);
@@ -654,7 +654,7 @@ test_threads (const char *dir, const char *name)
   struct thread_arg a[6];
   int r;
 
-  r = qcow2_io_file_open (path, false, &io);
+  r = qcow2_io_file_open (path, QCOW2_IO_READ_ONLY, &io);
   free (path);
   CHECK (r == 0, "threads: open: %d", r);
   if (r < 0)

@@ -1,0 +1,266 @@
+/* L2 entries for writers: find, classify and publish the entry of a guest
+ * cluster, allocating a new L2 table or copying one shared with a
+ * snapshot.
+ *
+ * Runs under the writer lock.  A new L2 table is made durable in QEMU's
+ * order (l2_allocate): its cluster's refcount, then the table's contents,
+ * then the L1 entry, each synced before the next, so a crash leaves at most
+ * a leaked cluster.  The L1 entry in memory changes last, with an atomic
+ * store, so lock-free readers see either the old table or the complete new
+ * one.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cache.h"
+#include "internal.h"
+#include "io.h"
+#include "util.h"
+
+static unsigned
+l2_shift (const struct qcow2_image *img)
+{
+  return img->cluster_bits + (unsigned) __builtin_ctzll (img->l2_entries);
+}
+
+/* Copy the L2 table at `offset` through the cache (whose slices may be
+ * newer than the disk) into buf.
+ */
+static int
+read_table (struct qcow2_image *img, uint64_t offset, unsigned char *buf)
+{
+  for (uint64_t o = 0; o < img->cluster_size; o += img->slice_size) {
+    struct qcow2_slice *slice;
+    int r = qcow2_cache_get (img->l2_cache, offset + o, &slice);
+    if (r < 0)
+      return r;
+    memcpy (buf + o, slice->data, img->slice_size);
+    qcow2_cache_put (img->l2_cache, slice);
+  }
+  return 0;
+}
+
+static int
+l2_allocate (struct qcow2_image *img, uint64_t l1_index)
+{
+  struct qcow2_writer *w = img->w;
+  uint64_t old = qcow2_l1_entry (img->l1, l1_index) & QCOW2_L1E_OFFSET_MASK;
+  uint64_t new_offset;
+  unsigned char *table, entry[8];
+  int r;
+
+  table = calloc (1, img->cluster_size);
+  if (!table)
+    return -ENOMEM;
+  if (old) {
+    /* Shared with a snapshot: the copy references the same clusters,
+     * whose refcounts already count this L1 (QEMU's snapshot rules).
+     */
+    r = read_table (img, old, table);
+    if (r < 0)
+      goto out;
+  }
+  r = qcow2_alloc_clusters (img, 1, &new_offset);
+  if (r < 0)
+    goto out;
+  qcow2_cache_discard (img->l2_cache, new_offset, img->cluster_size);
+
+  r = qcow2_cache_writeback (w->refblock_cache);
+  if (r == 0)
+    r = qcow2_io_flush (img->io);
+  if (r == 0)
+    r = qcow2_io_pwrite (img->io, table, img->cluster_size, new_offset);
+  if (r == 0)
+    r = qcow2_io_flush (img->io);
+  if (r == 0) {
+    put_be64 (entry, new_offset | QCOW2_OFLAG_COPIED);
+    r = qcow2_io_pwrite (img->io, entry, 8,
+                         img->h.l1_table_offset + l1_index * 8);
+  }
+  if (r == 0)
+    r = qcow2_io_flush (img->io);
+  if (r < 0) {
+    qcow2_error ("could not write a new L2 table: %s", strerror (-r));
+    goto out;
+  }
+  __atomic_store_n (&img->l1[l1_index], new_offset | QCOW2_OFLAG_COPIED,
+                    __ATOMIC_RELEASE);
+  if (old)
+    r = qcow2_free_later (img, old, img->cluster_size);
+
+ out:
+  free (table);
+  return r;
+}
+
+static int
+slice_of (struct qcow2_image *img, uint64_t l2_offset, uint64_t guest,
+          struct qcow2_slice **slice, uint64_t *index)
+{
+  uint64_t l2_index = (guest >> img->cluster_bits) & (img->l2_entries - 1);
+  uint64_t first = l2_index - l2_index % img->slice_entries;
+  int r;
+
+  if (!is_aligned (l2_offset, img->cluster_size) ||
+      range_exceeds (l2_offset, img->cluster_size, qcow2_file_size (img))) {
+    qcow2_error ("L2 table offset %#" PRIx64 " invalid", l2_offset);
+    return -EIO;
+  }
+  r = qcow2_cache_get (img->l2_cache, l2_offset + first * img->l2_entry_bytes,
+                       slice);
+  if (r < 0) {
+    qcow2_error ("could not read L2 table at %#" PRIx64 ": %s", l2_offset,
+                 strerror (-r));
+    return r;
+  }
+  *index = l2_index - first;
+  return 0;
+}
+
+int
+qcow2_l2_slice_for_write (struct qcow2_image *img, uint64_t guest,
+                          struct qcow2_slice **slice, uint64_t *index)
+{
+  uint64_t l1_index = guest >> l2_shift (img);
+  uint64_t l1e;
+  int r;
+
+  if (l1_index >= img->l1_size) {
+    qcow2_error ("guest offset %#" PRIx64 " beyond the L1 table", guest);
+    return -EIO;
+  }
+  l1e = qcow2_l1_entry (img->l1, l1_index);
+  if (!(l1e & QCOW2_L1E_OFFSET_MASK) || !(l1e & QCOW2_OFLAG_COPIED)) {
+    r = l2_allocate (img, l1_index);
+    if (r < 0)
+      return r;
+    l1e = qcow2_l1_entry (img->l1, l1_index);
+  }
+  return slice_of (img, l1e & QCOW2_L1E_OFFSET_MASK, guest, slice, index);
+}
+
+int
+qcow2_l2_entry_get (struct qcow2_image *img, uint64_t guest, uint64_t *entry,
+                    uint64_t *bitmap)
+{
+  uint64_t l1_index = guest >> l2_shift (img);
+  uint64_t l1e, index;
+  struct qcow2_slice *slice;
+  int r;
+
+  *entry = *bitmap = 0;
+  l1e = l1_index < img->l1_size ? qcow2_l1_entry (img->l1, l1_index) : 0;
+  if (!(l1e & QCOW2_L1E_OFFSET_MASK))
+    return 0;
+  r = slice_of (img, l1e & QCOW2_L1E_OFFSET_MASK, guest, &slice, &index);
+  if (r < 0)
+    return r;
+  *entry = qcow2_l2_load (slice->data + index * img->l2_entry_bytes);
+  if (img->extended_l2)
+    *bitmap = qcow2_l2_load (slice->data + index * img->l2_entry_bytes + 8);
+  qcow2_cache_put (img->l2_cache, slice);
+  return 0;
+}
+
+void
+qcow2_entry_classify (const struct qcow2_image *img, uint64_t entry,
+                      uint64_t bitmap, struct qcow2_entry *st)
+{
+  st->entry = entry;
+  st->bitmap = bitmap;
+  st->compressed = entry & QCOW2_OFLAG_COMPRESSED;
+  st->host = st->compressed ? 0 : entry & QCOW2_L2E_OFFSET_MASK;
+  st->allocated = !st->compressed &&
+                  (st->host != 0 ||
+                   (img->external_data && (entry & QCOW2_OFLAG_COPIED)));
+  st->owned = st->allocated &&
+              (img->external_data || (entry & QCOW2_OFLAG_COPIED));
+}
+
+
+/* Queue the release of what an entry referenced, now that it is being
+ * replaced.  External data clusters are not refcounted.
+ */
+static int
+release_entry (struct qcow2_image *img, const struct qcow2_entry *old)
+{
+  if (old->compressed) {
+    uint64_t desc = old->entry & ~(QCOW2_OFLAG_COPIED | QCOW2_OFLAG_COMPRESSED);
+    uint64_t coffset = desc & img->coffset_mask;
+    uint64_t nsectors = ((desc >> img->csize_shift) & img->csize_mask) + 1;
+    return qcow2_free_later (img, align_down (coffset, 512), nsectors * 512);
+  }
+  if (old->allocated && !img->external_data)
+    return qcow2_free_later (img, old->host, img->cluster_size);
+  return 0;
+}
+
+/* Bound the dirty metadata: a cache full of dirty slices could not evict. */
+static int
+maybe_sync (struct qcow2_image *img)
+{
+  if (qcow2_cache_dirty_count (img->l2_cache) >= 32 ||
+      qcow2_cache_dirty_count (img->w->refblock_cache) >= 32 ||
+      img->w->nr_pending >= 4096)
+    return qcow2_sync_metadata (img);
+  return 0;
+}
+
+/* Under the writer lock: set the entry of guest cluster `guest` and
+ * release what it replaced (unless the host cluster is reused).
+ */
+static int
+publish_locked (struct qcow2_image *img, uint64_t guest, uint64_t entry,
+                uint64_t bitmap, bool release_old)
+{
+  struct qcow2_slice *slice;
+  struct qcow2_entry old;
+  uint64_t index;
+  unsigned char *p;
+  int r;
+
+  r = qcow2_l2_slice_for_write (img, guest, &slice, &index);
+  if (r < 0)
+    return r;
+  p = slice->data + index * img->l2_entry_bytes;
+  qcow2_entry_classify (img, qcow2_l2_load (p),
+                  img->extended_l2 ? qcow2_l2_load (p + 8) : 0, &old);
+  if (img->extended_l2)
+    qcow2_l2_store (p + 8, bitmap);
+  qcow2_l2_store (p, entry);
+  qcow2_cache_mark_dirty (img->l2_cache, slice);
+  qcow2_cache_put (img->l2_cache, slice);
+  if (release_old)
+    r = release_entry (img, &old);
+  return r;
+}
+
+int
+qcow2_entry_publish (struct qcow2_image *img, uint64_t guest,
+                     uint64_t entry, uint64_t bitmap, bool release_old)
+{
+  pthread_mutex_lock (&img->w->lock);
+  int r = publish_locked (img, guest, entry, bitmap, release_old);
+  if (r == 0)
+    r = maybe_sync (img);
+  pthread_mutex_unlock (&img->w->lock);
+  return r;
+}
+
+int
+qcow2_entry_lookup (struct qcow2_image *img, uint64_t guest,
+                    struct qcow2_entry *st)
+{
+  uint64_t entry, bitmap;
+  int r;
+
+  pthread_mutex_lock (&img->w->lock);
+  r = qcow2_l2_entry_get (img, guest, &entry, &bitmap);
+  pthread_mutex_unlock (&img->w->lock);
+  if (r == 0)
+    qcow2_entry_classify (img, entry, bitmap, st);
+  return r;
+}
+

@@ -1,0 +1,30 @@
+/* Per-guest-cluster locks for writers.
+ *
+ * A request that writes in place (no metadata change) takes its clusters
+ * shared; one that allocates, frees or changes an L2 entry takes them
+ * exclusive.  So an allocation never races with another allocation or an
+ * in-place write of the same clusters, while disjoint requests proceed at
+ * once.  Readers take no lock: they see an L2 entry either before or after
+ * it is published, and published entries point at data already written.
+ *
+ * Clusters map onto a fixed array of rwlocks (stripes); stripes are taken
+ * in ascending order, so two requests can never deadlock.
+ */
+#ifndef QCOW2_RANGELOCK_H
+#define QCOW2_RANGELOCK_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+struct qcow2_rangelock;
+
+struct qcow2_rangelock *qcow2_rangelock_new (void);
+void qcow2_rangelock_free (struct qcow2_rangelock *rl);
+
+/* Lock or unlock clusters [first, first + count). */
+void qcow2_rangelock_lock (struct qcow2_rangelock *rl, uint64_t first,
+                           uint64_t count, bool exclusive);
+void qcow2_rangelock_unlock (struct qcow2_rangelock *rl, uint64_t first,
+                             uint64_t count);
+
+#endif /* QCOW2_RANGELOCK_H */
