@@ -60,7 +60,7 @@ qcow2_is_encrypted (const struct qcow2_image *img)
 bool
 qcow2_is_writable (const struct qcow2_image *img)
 {
-  return __atomic_load_n (&img->w, __ATOMIC_ACQUIRE) != NULL;
+  return __atomic_load_n (&img->writable, __ATOMIC_ACQUIRE);
 }
 
 static void
@@ -271,19 +271,22 @@ qcow2_enable_write (struct qcow2_image *img)
     return -ENOMEM;
   pthread_mutex_init (&w->lock, NULL);
   w->ranges = qcow2_rangelock_new ();
-  /* refcount.c works on img->w; publish it to readers only at the end. */
   img->w = w;
   r = w->ranges ? qcow2_refcount_init (img) : -ENOMEM;
-  img->w = NULL;
   if (r < 0)
     goto fail;
 
   /* Autoclear bits we do not maintain must be cleared before the first
    * write (spec); that includes the bitmaps bit: we do not update
-   * bitmaps, so they become known-stale.
+   * bitmaps, so they are released (bitmap.c).
    */
   autoclear = img->h.autoclear_features & QCOW2_AUTOCLEAR_DATA_RAW;
-  if (img->h.version >= 3 && autoclear != img->h.autoclear_features) {
+  if (img->h.has_bitmaps_ext) {
+    r = qcow2_bitmaps_release (img, autoclear);
+    if (r < 0)
+      goto fail;
+  }
+  else if (img->h.version >= 3 && autoclear != img->h.autoclear_features) {
     unsigned char field[8];
     put_be64 (field, autoclear);
     r = qcow2_io_pwrite (img->io, field, sizeof field, 88);
@@ -296,10 +299,12 @@ qcow2_enable_write (struct qcow2_image *img)
     }
     img->h.autoclear_features = autoclear;
   }
-  __atomic_store_n (&img->w, w, __ATOMIC_RELEASE);
+  /* Only now may requests write. */
+  __atomic_store_n (&img->writable, true, __ATOMIC_RELEASE);
   return 0;
 
  fail:
+  img->w = NULL;
   free_writer (img, w);
   return r;
 }

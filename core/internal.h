@@ -173,6 +173,7 @@ struct qcow2_image {
   uint32_t nb_snapshots;
 
   struct qcow2_writer *w;        /* NULL when read-only */
+  bool writable;                /* w is complete: requests may write */
   bool locked;                  /* holds QEMU-compatible image locks */
 
   enum qcow2_backing_kind backing_kind;
@@ -312,6 +313,11 @@ int qcow2_entry_publish (struct qcow2_image *img, uint64_t guest,
  */
 int qcow2_write_locked (struct qcow2_image *img, const unsigned char *buf,
                         uint64_t len, uint64_t offset);
+
+/* bitmap.c: release persistent bitmaps we will not maintain, writing
+ * `autoclear` as the new autoclear bits.  Takes the writer lock.
+ */
+int qcow2_bitmaps_release (struct qcow2_image *img, uint64_t autoclear);
 
 /* flush.c: under the writer lock. */
 int qcow2_sync_metadata (struct qcow2_image *img);
