@@ -36,6 +36,8 @@ struct shard {
 
 struct qcow2_cache {
   struct qcow2_io *io;
+  qcow2_cache_write_check write_check;
+  void *write_check_opaque;
   size_t slice_size;
   unsigned slice_shift;
   size_t nshards;
@@ -276,6 +278,14 @@ qcow2_cache_put (struct qcow2_cache *c, struct qcow2_slice *slice)
   pthread_mutex_unlock (&s->lock);
 }
 
+void
+qcow2_cache_set_write_check (struct qcow2_cache *c,
+                             qcow2_cache_write_check fn, void *opaque)
+{
+  c->write_check = fn;
+  c->write_check_opaque = opaque;
+}
+
 int
 qcow2_cache_get_new (struct qcow2_cache *c, uint64_t offset,
                      struct qcow2_slice **slice_out)
@@ -385,6 +395,9 @@ qcow2_cache_writeback (struct qcow2_cache *c)
 
     for (size_t j = 0; j < n; j++) {
       struct slice *e = list[j];
+      if (r == 0 && c->write_check)
+        r = c->write_check (c->write_check_opaque, e->pub.offset,
+                            c->slice_size);
       if (r == 0)
         r = c->io->ops->pwrite (c->io, e->pub.data, c->slice_size,
                                 e->pub.offset);

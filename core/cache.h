@@ -56,6 +56,14 @@ int qcow2_cache_get_new (struct qcow2_cache *c, uint64_t offset,
 void qcow2_cache_mark_dirty (struct qcow2_cache *c, struct qcow2_slice *slice);
 size_t qcow2_cache_dirty_count (struct qcow2_cache *c);
 
+/* Called before each slice is written back; a negative return stops the
+ * write-back with that error (overlap checks).
+ */
+typedef int (*qcow2_cache_write_check) (void *opaque, uint64_t offset,
+                                        size_t len);
+void qcow2_cache_set_write_check (struct qcow2_cache *c,
+                                  qcow2_cache_write_check fn, void *opaque);
+
 /* Write every dirty slice (no sync).  On error the slices stay dirty. */
 int qcow2_cache_writeback (struct qcow2_cache *c);
 

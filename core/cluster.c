@@ -87,7 +87,8 @@ l2_allocate (struct qcow2_image *img, uint64_t l1_index)
   }
   __atomic_store_n (&img->l1[l1_index], new_offset | QCOW2_OFLAG_COPIED,
                     __ATOMIC_RELEASE);
-  if (old)
+  r = qcow2_overlap_add (img, new_offset, img->cluster_size, QCOW2_META_L2);
+  if (r == 0 && old)
     r = qcow2_free_later (img, old, img->cluster_size);
 
  out:

@@ -175,6 +175,10 @@ zero_or_trim (struct qcow2_image *img, const struct request *rq,
     qcow2_error ("%s: the image is open read-only", img->filename);
     return -EROFS;
   }
+  if (__atomic_load_n (&img->corrupt, __ATOMIC_ACQUIRE)) {
+    qcow2_error ("%s: the image is marked corrupt", img->filename);
+    return -EIO;
+  }
   if (range_exceeds (offset, len, img->h.size)) {
     qcow2_error ("%s of %" PRIu64 " bytes at %" PRIu64
                  " is beyond the end of the disk", rq->op == OP_ZERO

@@ -57,6 +57,7 @@ apply_free (struct qcow2_image *img, const struct qcow2_pending_free *f)
     if (refcount == 0) {
       uint64_t off = c << img->cluster_bits;
       qcow2_cache_discard (img->l2_cache, off, img->cluster_size);
+      qcow2_overlap_remove (img, off);
       /* Best effort: the cluster is free either way. */
       if (img->io->ops->punch_hole)
         img->io->ops->punch_hole (img->io, off, img->cluster_size);

@@ -222,6 +222,18 @@ take_locks (struct qcow2_image *img, bool enable, bool writable)
   return 0;
 }
 
+static int
+check_l2_write (void *img, uint64_t offset, size_t len)
+{
+  return qcow2_overlap_check (img, offset, len, QCOW2_META_L2);
+}
+
+static int
+check_refblock_write (void *img, uint64_t offset, size_t len)
+{
+  return qcow2_overlap_check (img, offset, len, QCOW2_META_REFBLOCK);
+}
+
 static void
 free_writer (struct qcow2_image *img, struct qcow2_writer *w)
 {
@@ -231,6 +243,8 @@ free_writer (struct qcow2_image *img, struct qcow2_writer *w)
   if (w->reftable || w->refblock_cache)
     qcow2_refcount_fini (img);
   qcow2_rangelock_free (w->ranges);
+  qcow2_overlap_free (w->overlap);
+  qcow2_cache_set_write_check (img->l2_cache, NULL, NULL);
   pthread_mutex_destroy (&w->lock);
   free (w);
   img->w = saved == w ? NULL : saved;
@@ -273,8 +287,12 @@ qcow2_enable_write (struct qcow2_image *img)
   w->ranges = qcow2_rangelock_new ();
   img->w = w;
   r = w->ranges ? qcow2_refcount_init (img) : -ENOMEM;
+  if (r == 0)
+    r = qcow2_overlap_init (img);
   if (r < 0)
     goto fail;
+  qcow2_cache_set_write_check (img->l2_cache, check_l2_write, img);
+  qcow2_cache_set_write_check (w->refblock_cache, check_refblock_write, img);
 
   /* Autoclear bits we do not maintain must be cleared before the first
    * write (spec); that includes the bitmaps bit: we do not update
@@ -352,7 +370,8 @@ qcow2_image_open (struct qcow2_io *io, const struct qcow2_open_options *opts,
 
   if ((r = load_l1 (img)) < 0 ||
       (r = qcow2_snapshots_read (io, img->file_size, &img->h,
-                                 &img->snapshots)) < 0)
+                                 &img->snapshots,
+                                 &img->snapshot_table_bytes)) < 0)
     goto fail;
   img->nb_snapshots = img->h.nb_snapshots;
 

@@ -101,7 +101,8 @@ struct qcow2_snapshot {
 
 int qcow2_snapshots_read (struct qcow2_io *io, uint64_t file_size,
                           const struct qcow2_header *h,
-                          struct qcow2_snapshot **snaps_out);
+                          struct qcow2_snapshot **snaps_out,
+                          uint64_t *table_bytes_out);
 void qcow2_snapshots_free (struct qcow2_snapshot *snaps, uint32_t n);
 
 /* What lies below an image where its clusters are unallocated. */
@@ -110,6 +111,15 @@ enum qcow2_backing_kind { BACKING_NONE, BACKING_QCOW2, BACKING_RAW };
 /* A cluster range whose refcounts drop once the L2 (or L1) change that
  * unreferenced it is on disk: see flush.c.
  */
+/* Kinds of metadata cluster, for overlap checks (overlap.c). */
+enum qcow2_metadata_kind {
+  QCOW2_META_HEADER, QCOW2_META_L1, QCOW2_META_REFTABLE,
+  QCOW2_META_REFBLOCK, QCOW2_META_L2, QCOW2_META_SNAPSHOTS,
+  QCOW2_META_SNAPSHOT_L1, QCOW2_META_CRYPTO,
+  QCOW2_META_NONE = 15,   /* guest data: every kind is an overlap */
+};
+struct qcow2_overlap;
+
 struct qcow2_pending_free {
   uint64_t offset, length;
 };
@@ -130,6 +140,7 @@ struct qcow2_writer {
   struct qcow2_pending_free *pending;
   size_t nr_pending, cap_pending;
   struct qcow2_rangelock *ranges; /* per guest cluster: see rangelock.h */
+  struct qcow2_overlap *overlap;  /* metadata clusters: see overlap.c */
 };
 
 /* An open image.  Geometry and tables are set at open; the mutable parts
@@ -171,9 +182,11 @@ struct qcow2_image {
 
   struct qcow2_snapshot *snapshots;
   uint32_t nb_snapshots;
+  uint64_t snapshot_table_bytes;
 
   struct qcow2_writer *w;        /* NULL when read-only */
   bool writable;                /* w is complete: requests may write */
+  bool corrupt;                 /* marked corrupt: writes fail */
   bool locked;                  /* holds QEMU-compatible image locks */
 
   enum qcow2_backing_kind backing_kind;
@@ -318,6 +331,20 @@ int qcow2_write_locked (struct qcow2_image *img, const unsigned char *buf,
  * `autoclear` as the new autoclear bits.  Takes the writer lock.
  */
 int qcow2_bitmaps_release (struct qcow2_image *img, uint64_t autoclear);
+
+/* overlap.c: add/remove under the writer lock; check from any thread.
+ * qcow2_overlap_check returns -EIO (after marking the image corrupt) when
+ * [offset, offset + len) holds metadata of a kind other than own_kind.
+ */
+int qcow2_overlap_init (struct qcow2_image *img);
+void qcow2_overlap_free (struct qcow2_overlap *o);
+int qcow2_overlap_add (struct qcow2_image *img, uint64_t offset, uint64_t len,
+                       enum qcow2_metadata_kind kind);
+void qcow2_overlap_remove (struct qcow2_image *img, uint64_t offset);
+int qcow2_overlap_check (struct qcow2_image *img, uint64_t offset,
+                         uint64_t len, enum qcow2_metadata_kind own_kind);
+int qcow2_signal_corruption (struct qcow2_image *img, const char *fmt, ...)
+  __attribute__ ((format (printf, 2, 3)));
 
 /* flush.c: under the writer lock. */
 int qcow2_sync_metadata (struct qcow2_image *img);

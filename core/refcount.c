@@ -209,7 +209,8 @@ create_refblock (struct qcow2_image *img, uint64_t index)
   }
   w->reftable[index] = offset;
   grow_file_size (img, offset + img->cluster_size);
-  return 0;
+  return qcow2_overlap_add (img, offset, img->cluster_size,
+                            QCOW2_META_REFBLOCK);
 }
 
 /* Replace the refcount table by one with at least `need` entries, placed
@@ -297,6 +298,13 @@ grow_reftable (struct qcow2_image *img, uint64_t need)
   img->h.refcount_table_offset = w->reftable_offset;
   img->h.refcount_table_clusters = (uint32_t) table_clusters;
   grow_file_size (img, area_offset + (area_clusters << img->cluster_bits));
+
+  for (uint64_t b = 0; b < blocks && r == 0; b++)
+    r = qcow2_overlap_add (img, area_offset + (b << img->cluster_bits),
+                           img->cluster_size, QCOW2_META_REFBLOCK);
+  if (r == 0)
+    r = qcow2_overlap_add (img, w->reftable_offset, entries * 8,
+                           QCOW2_META_REFTABLE);
 
   /* The header no longer points at the old table: free it now. */
   for (uint64_t k = 0; k < old_clusters && r == 0; k++)
@@ -394,6 +402,11 @@ qcow2_alloc_clusters (struct qcow2_image *img, uint64_t n,
     qcow2_error ("%s: no space left for new clusters", img->filename);
     return -ENOSPC;
   }
+  /* Refcounts say these are free; make sure no metadata lives there. */
+  r = qcow2_overlap_check (img, run_start << img->cluster_bits,
+                           n << img->cluster_bits, QCOW2_META_NONE);
+  if (r < 0)
+    return r;
   for (uint64_t k = 0; k < n; k++) {
     r = qcow2_refcount_update (img, run_start + k, 1);
     if (r < 0)

@@ -21,7 +21,8 @@
 int
 qcow2_snapshots_read (struct qcow2_io *io, uint64_t file_size,
                       const struct qcow2_header *h,
-                      struct qcow2_snapshot **snaps_out)
+                      struct qcow2_snapshot **snaps_out,
+                      uint64_t *table_bytes_out)
 {
   struct qcow2_snapshot *snaps;
   uint64_t off = h->snapshots_offset;
@@ -31,6 +32,7 @@ qcow2_snapshots_read (struct qcow2_io *io, uint64_t file_size,
   int r = 0;
 
   *snaps_out = NULL;
+  *table_bytes_out = 0;
   if (h->nb_snapshots == 0)
     return 0;
   snaps = calloc (h->nb_snapshots, sizeof *snaps);
@@ -118,6 +120,7 @@ qcow2_snapshots_read (struct qcow2_io *io, uint64_t file_size,
 
   free (var);
   *snaps_out = snaps;
+  *table_bytes_out = table_bytes;
   return 0;
 
  io_fail:

@@ -42,6 +42,11 @@ write_host (struct qcow2_image *img, const unsigned char *buf, uint64_t len,
 {
   int r;
 
+  /* Guest data must never land on metadata (hostile L2 entries). */
+  if (!img->external_data &&
+      (r = qcow2_overlap_check (img, host, len, QCOW2_META_NONE)) < 0)
+    return r;
+
   if (!img->crypt) {
     r = qcow2_io_pwrite (img->data_io, buf, len, host);
     if (r == 0 && img->external_data) {
@@ -307,6 +312,10 @@ qcow2_write (struct qcow2_image *img, const void *buf, uint64_t len,
   if (!w) {
     qcow2_error ("%s: the image is open read-only", img->filename);
     return -EROFS;
+  }
+  if (__atomic_load_n (&img->corrupt, __ATOMIC_ACQUIRE)) {
+    qcow2_error ("%s: the image is marked corrupt", img->filename);
+    return -EIO;
   }
   if (range_exceeds (offset, len, img->h.size)) {
     qcow2_error ("write of %" PRIu64 " bytes at %" PRIu64
