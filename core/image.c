@@ -234,6 +234,29 @@ check_refblock_write (void *img, uint64_t offset, size_t len)
   return qcow2_overlap_check (img, offset, len, QCOW2_META_REFBLOCK);
 }
 
+static int
+repair_dirty (struct qcow2_image *img)
+{
+  struct qcow2_check_result res;
+  unsigned char field[8];
+  int r = qcow2_check (img, true, &res);
+
+  if (r == 0 && res.corruptions > res.corruptions_fixed)
+    r = -EIO;
+  if (r == 0) {
+    put_be64 (field, img->h.incompatible_features & ~QCOW2_INCOMPAT_DIRTY);
+    r = qcow2_io_pwrite (img->io, field, sizeof field, 72);
+    if (r == 0)
+      r = qcow2_io_flush (img->io);
+  }
+  if (r < 0) {
+    qcow2_error ("%s: Could not repair dirty image", img->filename);
+    return r;
+  }
+  img->h.incompatible_features &= ~QCOW2_INCOMPAT_DIRTY;
+  return 0;
+}
+
 static void
 free_writer (struct qcow2_image *img, struct qcow2_writer *w)
 {
@@ -264,12 +287,6 @@ qcow2_enable_write (struct qcow2_image *img)
                  img->filename);
     return -EACCES;
   }
-  if (img->h.incompatible_features & QCOW2_INCOMPAT_DIRTY) {
-    qcow2_error ("%s: the image is dirty (its refcounts may be stale after "
-                 "lazy refcount updates); repair it with 'qemu-img check "
-                 "-r all' before writing to it", img->filename);
-    return -EPERM;
-  }
   if (!qcow2_io_is_writable (img->io) ||
       (img->data_io != img->io && !qcow2_io_is_writable (img->data_io))) {
     qcow2_error ("%s: the image (or its data file) cannot be opened for "
@@ -293,6 +310,16 @@ qcow2_enable_write (struct qcow2_image *img)
     goto fail;
   qcow2_cache_set_write_check (img->l2_cache, check_l2_write, img);
   qcow2_cache_set_write_check (w->refblock_cache, check_refblock_write, img);
+
+  /* Refcounts of a dirty image may be stale (lazy refcounts, or a crash
+   * while they were deferred): repair them, then clear the bit, as QEMU
+   * does on a read-write open.
+   */
+  if (img->h.incompatible_features & QCOW2_INCOMPAT_DIRTY) {
+    r = repair_dirty (img);
+    if (r < 0)
+      goto fail;
+  }
 
   /* Autoclear bits we do not maintain must be cleared before the first
    * write (spec); that includes the bitmaps bit: we do not update

@@ -277,6 +277,8 @@ int qcow2_refcount_get (struct qcow2_image *img, uint64_t cluster,
                         uint64_t *refcount);
 int qcow2_refcount_update (struct qcow2_image *img, uint64_t cluster,
                            int delta);
+int qcow2_refcount_set (struct qcow2_image *img, uint64_t cluster,
+                        uint64_t value);
 /* Allocate n contiguous clusters with refcount 1. */
 int qcow2_alloc_clusters (struct qcow2_image *img, uint64_t n,
                           uint64_t *offset_out);

@@ -111,6 +111,17 @@ int qcow2_zero (struct qcow2_image *image, uint64_t len, uint64_t offset,
 int qcow2_trim (struct qcow2_image *image, uint64_t len, uint64_t offset,
                 bool fua);
 
+/* Consistency check of refcounts and COPIED flags, classified as
+ * `qemu-img check` does.  With repair (image writable), fix them.
+ */
+struct qcow2_check_result {
+  uint64_t corruptions, leaks;             /* found */
+  uint64_t corruptions_fixed, leaks_fixed; /* repaired */
+  uint64_t check_errors;                   /* metadata that could not be read */
+};
+int qcow2_check (struct qcow2_image *image, bool repair,
+                 struct qcow2_check_result *result);
+
 /* Make every completed write durable. */
 int qcow2_flush (struct qcow2_image *image);
 

@@ -362,6 +362,36 @@ qcow2_refcount_update (struct qcow2_image *img, uint64_t cluster, int delta)
 }
 
 int
+qcow2_refcount_set (struct qcow2_image *img, uint64_t cluster, uint64_t value)
+{
+  struct qcow2_writer *w = img->w;
+  uint64_t index = cluster / w->refblock_entries;
+  struct qcow2_slice *slice;
+  uint64_t slice_offset, bit;
+  int r;
+
+  if (value > w->refcount_max)
+    return -EINVAL;
+  if (value == 0 &&
+      (index >= w->reftable_entries || w->reftable[index] == 0))
+    return 0;
+  /* Make the entry exist, then overwrite it. */
+  r = qcow2_refcount_update (img, cluster, 0);
+  if (r < 0)
+    return r;
+  locate (img, cluster, &slice_offset, &bit);
+  r = qcow2_cache_get (w->refblock_cache, slice_offset, &slice);
+  if (r < 0)
+    return r;
+  set_entry (slice->data, bit, w->refcount_bits, value);
+  qcow2_cache_mark_dirty (w->refblock_cache, slice);
+  qcow2_cache_put (w->refblock_cache, slice);
+  if (value == 0 && cluster < w->free_hint)
+    w->free_hint = cluster;
+  return 0;
+}
+
+int
 qcow2_alloc_clusters (struct qcow2_image *img, uint64_t n,
                       uint64_t *offset_out)
 {
