@@ -35,6 +35,7 @@ static bool follow_backing = true;
 static unsigned max_chain_depth = QCOW2_DEFAULT_MAX_CHAIN_DEPTH;
 static int64_t cache_size;
 static bool locking = true;
+static enum { CHECK_NONE, CHECK_REPORT, CHECK_REPAIR } check_mode;
 
 static struct qcow2_image *image;
 static pthread_mutex_t enable_write_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -106,6 +107,20 @@ qcow2_plugin_config (const char *key, const char *value)
     locking = b;
     return 0;
   }
+  if (strcmp (key, "check") == 0) {
+    if (strcmp (value, "report") == 0)
+      check_mode = CHECK_REPORT;
+    else if (strcmp (value, "repair") == 0)
+      check_mode = CHECK_REPAIR;
+    else if (strcmp (value, "none") == 0)
+      check_mode = CHECK_NONE;
+    else {
+      nbdkit_error ("check must be none, report or repair, not '%s'",
+                    value);
+      return -1;
+    }
+    return 0;
+  }
   if (strcmp (key, "cache-size") == 0) {
     cache_size = nbdkit_parse_size (value);
     return cache_size == -1 ? -1 : 0;
@@ -135,7 +150,34 @@ qcow2_plugin_config_complete (void)
   "data-file=<FILENAME>   External data file, overriding the image's.\n" \
   "cache-size=<SIZE>      L2 table cache per image (default: enough for\n" \
   "                       the whole disk, at most 32M).\n" \
-  "locking=false          Do not take QEMU-compatible image locks."
+  "locking=false          Do not take QEMU-compatible image locks.\n" \
+  "check=report|repair    Check refcounts and COPIED flags before serving,\n" \
+  "                       and with repair fix them (opens read-write)."
+
+/* check=: report on stderr as qemu-img check would summarise; with
+ * repair, refuse to serve an image whose corruptions remain.
+ */
+static int
+run_check (void)
+{
+  struct qcow2_check_result res;
+
+  if (qcow2_check (image, check_mode == CHECK_REPAIR, &res) < 0)
+    return -1;
+  fprintf (stderr,
+           "nbdkit-qcow2: check of %s: %" PRIu64 " corruptions (%" PRIu64
+           " repaired), %" PRIu64 " leaked clusters (%" PRIu64
+           " repaired), %" PRIu64 " unreadable tables\n", filename,
+           res.corruptions, res.corruptions_fixed, res.leaks,
+           res.leaks_fixed, res.check_errors);
+  if (check_mode == CHECK_REPAIR &&
+      (res.corruptions > res.corruptions_fixed || res.check_errors)) {
+    nbdkit_error ("%s: corruptions remain after repair; not serving "
+                  "it (try qemu-img check -r all)", filename);
+    return -1;
+  }
+  return 0;
+}
 
 static int
 qcow2_plugin_get_ready (void)
@@ -150,7 +192,10 @@ qcow2_plugin_get_ready (void)
   opts.cache_size = (uint64_t) cache_size;
   opts.data_file = data_file;
   opts.lock = locking;
-  return qcow2_open (&opts, &image) < 0 ? -1 : 0;
+  opts.writable = check_mode == CHECK_REPAIR;
+  if (qcow2_open (&opts, &image) < 0)
+    return -1;
+  return check_mode == CHECK_NONE ? 0 : run_check ();
 }
 
 static void
