@@ -58,6 +58,15 @@ qcow2_is_encrypted (const struct qcow2_image *img)
 }
 
 bool
+qcow2_may_write (const struct qcow2_image *img)
+{
+  return !(img->h.incompatible_features & QCOW2_INCOMPAT_CORRUPT) &&
+         !__atomic_load_n (&img->corrupt, __ATOMIC_ACQUIRE) &&
+         qcow2_io_is_writable (img->io) &&
+         (img->data_io == img->io || qcow2_io_is_writable (img->data_io));
+}
+
+bool
 qcow2_is_writable (const struct qcow2_image *img)
 {
   return __atomic_load_n (&img->writable, __ATOMIC_ACQUIRE);

@@ -127,6 +127,11 @@ int qcow2_flush (struct qcow2_image *image);
 
 bool qcow2_is_writable (const struct qcow2_image *image);
 
+/* Could qcow2_enable_write succeed?  False for a read-only file and for
+ * an image marked corrupt; lock conflicts show only when enabling.
+ */
+bool qcow2_may_write (const struct qcow2_image *image);
+
 /* Block status.  Extent flags use NBD's base:allocation bits. */
 #define QCOW2_EXTENT_HOLE 1u /* not allocated in this image or below */
 #define QCOW2_EXTENT_ZERO 2u /* reads as zeros */

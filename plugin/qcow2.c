@@ -8,9 +8,11 @@
  * is safe.  Requests run fully in parallel; the engine does its own
  * locking.
  *
- * The image opens read-only and becomes writable when the first
- * read-write connection arrives, because nbdkit does not tell plugins
- * about -r before that: with -r the file is never written or write-locked.
+ * The image opens read-only and becomes writable at the first write
+ * request: nbdkit does not tell plugins about -r before connections
+ * arrive, and a client that only reads (nbdinfo, qemu-img convert) must
+ * not change the image (enabling writes clears autoclear bits, releases
+ * stale bitmaps, repairs a dirty image, takes the write locks).
  */
 #define NBDKIT_API_VERSION 2
 #include <nbdkit-plugin.h>
@@ -211,14 +213,22 @@ qcow2_plugin_dump_plugin (void)
 static void *
 qcow2_plugin_open (int readonly)
 {
+  (void) readonly;
+  return image;
+}
+
+/* Before the first change to the image. */
+static int
+ensure_writable (void *handle)
+{
   int r = 0;
 
-  if (!readonly && !qcow2_is_writable (image)) {
+  if (!qcow2_is_writable (handle)) {
     pthread_mutex_lock (&enable_write_lock);
-    r = qcow2_enable_write (image);
+    r = qcow2_enable_write (handle);
     pthread_mutex_unlock (&enable_write_lock);
   }
-  return r < 0 ? NULL : image;
+  return r;
 }
 
 static int64_t
@@ -242,7 +252,7 @@ qcow2_plugin_block_size (void *handle, uint32_t *minimum, uint32_t *preferred,
 static int
 qcow2_plugin_can_write (void *handle)
 {
-  return qcow2_is_writable (handle);
+  return qcow2_may_write (handle);
 }
 
 static int
@@ -255,7 +265,7 @@ qcow2_plugin_can_fua (void *handle)
 static int
 qcow2_plugin_can_trim (void *handle)
 {
-  return qcow2_is_writable (handle);
+  return qcow2_may_write (handle);
 }
 
 /* Zeroing never falls back to nbdkit's emulation (broken for requests over
@@ -265,7 +275,7 @@ qcow2_plugin_can_trim (void *handle)
 static int
 qcow2_plugin_can_zero (void *handle)
 {
-  return qcow2_is_writable (handle);
+  return qcow2_may_write (handle);
 }
 
 static int
@@ -305,25 +315,31 @@ static int
 qcow2_plugin_pwrite (void *handle, const void *buf, uint32_t count,
                      uint64_t offset, uint32_t flags)
 {
-  return report (qcow2_write (handle, buf, count, offset,
-                              flags & NBDKIT_FLAG_FUA));
+  int r = ensure_writable (handle);
+  if (r == 0)
+    r = qcow2_write (handle, buf, count, offset, flags & NBDKIT_FLAG_FUA);
+  return report (r);
 }
 
 static int
 qcow2_plugin_zero (void *handle, uint32_t count, uint64_t offset,
                    uint32_t flags)
 {
-  return report (qcow2_zero (handle, count, offset,
-                             flags & NBDKIT_FLAG_MAY_TRIM,
-                             flags & NBDKIT_FLAG_FAST_ZERO,
-                             flags & NBDKIT_FLAG_FUA));
+  int r = ensure_writable (handle);
+  if (r == 0)
+    r = qcow2_zero (handle, count, offset, flags & NBDKIT_FLAG_MAY_TRIM,
+                    flags & NBDKIT_FLAG_FAST_ZERO, flags & NBDKIT_FLAG_FUA);
+  return report (r);
 }
 
 static int
 qcow2_plugin_trim (void *handle, uint32_t count, uint64_t offset,
                    uint32_t flags)
 {
-  return report (qcow2_trim (handle, count, offset, flags & NBDKIT_FLAG_FUA));
+  int r = ensure_writable (handle);
+  if (r == 0)
+    r = qcow2_trim (handle, count, offset, flags & NBDKIT_FLAG_FUA);
+  return report (r);
 }
 
 static int
