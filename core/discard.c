@@ -12,6 +12,10 @@
  *
  * Ranges that already read as zeros are skipped without touching
  * metadata, so zeroing a large empty area allocates no L2 table.
+ *
+ * With a raw external data file (data_file_raw) the data file must stay a
+ * valid raw image by itself, so whatever the L2 entries say, the data
+ * file's bytes are zeroed too.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -19,6 +23,7 @@
 #include <string.h>
 
 #include "internal.h"
+#include "io.h"
 #include "rangelock.h"
 #include "util.h"
 
@@ -87,6 +92,31 @@ write_zeros (struct qcow2_image *img, const struct request *rq,
     return -ENOMEM;
   r = qcow2_write_locked (img, buf, len, offset);
   free (buf);
+  return r;
+}
+
+/* Keep a raw data file in step: [offset, offset + len) reads as zeros. */
+static int
+zero_raw_data (struct qcow2_image *img, uint64_t offset, uint64_t len)
+{
+  struct qcow2_io *io = img->data_io;
+  int r = -ENOTSUP;
+
+  if (!img->external_data ||
+      !(img->h.autoclear_features & QCOW2_AUTOCLEAR_DATA_RAW))
+    return 0;
+  if (io->ops->punch_hole)
+    r = io->ops->punch_hole (io, offset, len);
+  if (r == -ENOTSUP) {
+    unsigned char *zeros = calloc (1, len);
+    if (!zeros)
+      return -ENOMEM;
+    r = qcow2_io_pwrite (io, zeros, len, offset);
+    free (zeros);
+  }
+  if (r < 0)
+    qcow2_error ("%s: could not zero the raw data file: %s", img->filename,
+                 strerror (-r));
   return r;
 }
 
@@ -212,6 +242,8 @@ zero_or_trim (struct qcow2_image *img, const struct request *rq,
         continue;
       }
       r = whole_cluster (img, rq, guest);
+      if (r == 0)
+        r = zero_raw_data (img, guest, cs);
     }
     else {
       /* Part of a cluster: whole subclusters change the bitmap, the
@@ -228,6 +260,8 @@ zero_or_trim (struct qcow2_image *img, const struct request *rq,
           r = write_zeros (img, rq, offset, a - offset);
         if (r == 0)
           r = subclusters (img, rq, a, b - a);
+        if (r == 0)
+          r = zero_raw_data (img, a, b - a);
         if (r == 0 && b < offset + n && rq->op == OP_ZERO)
           r = write_zeros (img, rq, b, offset + n - b);
       }
