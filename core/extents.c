@@ -66,16 +66,14 @@ extents_below (struct qcow2_image *img, uint64_t offset, uint64_t len,
 }
 
 int
-qcow2_extents (struct qcow2_image *img, uint64_t offset, uint64_t len,
-               bool one, qcow2_extent_fn fn, void *opaque)
+qcow2_extents_l1 (struct qcow2_image *img, const uint64_t *l1,
+                  uint32_t l1_size, uint64_t offset, uint64_t len, bool one,
+                  qcow2_extent_fn fn, void *opaque)
 {
-  if (range_exceeds (offset, len, img->h.size))
-    return -EINVAL;
-
   while (len > 0) {
     struct qcow2_run run;
     uint32_t flags = 0;
-    int r = qcow2_map (img, img->l1, img->l1_size, offset, len, &run);
+    int r = qcow2_map (img, l1, l1_size, offset, len, &run);
     if (r < 0)
       return r;
 
@@ -107,4 +105,14 @@ qcow2_extents (struct qcow2_image *img, uint64_t offset, uint64_t len,
     len -= run.length;
   }
   return 0;
+}
+
+int
+qcow2_extents (struct qcow2_image *img, uint64_t offset, uint64_t len,
+               bool one, qcow2_extent_fn fn, void *opaque)
+{
+  if (range_exceeds (offset, len, img->h.size))
+    return -EINVAL;
+  return qcow2_extents_l1 (img, img->l1, img->l1_size, offset, len, one, fn,
+                           opaque);
 }

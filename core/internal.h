@@ -266,6 +266,11 @@ int qcow2_read_l1 (struct qcow2_image *img, const uint64_t *l1,
                    uint32_t l1_size, void *buf, uint64_t len,
                    uint64_t offset);
 
+/* extents.c: block status through a given L1 (range already checked). */
+int qcow2_extents_l1 (struct qcow2_image *img, const uint64_t *l1,
+                      uint32_t l1_size, uint64_t offset, uint64_t len,
+                      bool one, qcow2_extent_fn fn, void *opaque);
+
 /* Read from below the image; zeros past the backing size. */
 int qcow2_read_backing (struct qcow2_image *img, void *buf, uint64_t len,
                         uint64_t offset);

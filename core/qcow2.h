@@ -148,6 +148,36 @@ typedef int (*qcow2_extent_fn) (void *opaque, uint64_t offset,
 int qcow2_extents (struct qcow2_image *image, uint64_t offset, uint64_t len,
                    bool one_extent, qcow2_extent_fn fn, void *opaque);
 
+/* Internal snapshots. */
+struct qcow2_snapshot_info {
+  const char *id;
+  const char *name;
+  uint64_t disk_size;        /* virtual size when it was taken */
+  uint64_t vm_state_size;
+  uint32_t date_sec, date_nsec;
+  uint64_t vm_clock_nsec;
+};
+
+uint32_t qcow2_snapshot_count (const struct qcow2_image *image);
+/* Strings stay valid while the image is open. */
+void qcow2_snapshot_get_info (const struct qcow2_image *image, uint32_t i,
+                              struct qcow2_snapshot_info *info);
+
+/* A read-only view of a snapshot, found by name or else by id.  Views
+ * stay consistent while the active image is written: clusters a snapshot
+ * shares are copied before the active layer changes them.
+ */
+struct qcow2_view;
+int qcow2_view_open (struct qcow2_image *image, const char *name_or_id,
+                     struct qcow2_view **view_out);
+void qcow2_view_close (struct qcow2_view *view);
+uint64_t qcow2_view_get_size (const struct qcow2_view *view);
+int qcow2_view_read (struct qcow2_view *view, void *buf, uint64_t len,
+                     uint64_t offset);
+int qcow2_view_extents (struct qcow2_view *view, uint64_t offset,
+                        uint64_t len, bool one_extent, qcow2_extent_fn fn,
+                        void *opaque);
+
 /* Errors: the handler receives one line without a trailing newline.  The
  * default writes to stderr.  Set it once before opening images.
  */

@@ -8,6 +8,8 @@
  * is safe.  Requests run fully in parallel; the engine does its own
  * locking.
  *
+ * Internal snapshots are further exports, read-only, named after them.
+ *
  * The image opens read-only and becomes writable at the first write
  * request: nbdkit does not tell plugins about -r before connections
  * arrive, and a client that only reads (nbdinfo, qemu-img convert) must
@@ -23,6 +25,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "config.h"
 #include "qcow2.h"
@@ -210,22 +213,84 @@ qcow2_plugin_dump_plugin (void)
   printf ("qcow2_write=yes\n");
 }
 
+/* A connection: the active image (view == NULL), or a snapshot chosen by
+ * export name, served read-only.
+ */
+struct handle {
+  struct qcow2_view *view;
+};
+
 static void *
 qcow2_plugin_open (int readonly)
 {
+  const char *export = nbdkit_export_name ();
+  struct handle *h = calloc (1, sizeof *h);
+
   (void) readonly;
-  return image;
+  if (!h) {
+    nbdkit_error ("calloc: %m");
+    return NULL;
+  }
+  if (export && *export && qcow2_view_open (image, export, &h->view) < 0) {
+    free (h);
+    return NULL;
+  }
+  return h;
+}
+
+static void
+qcow2_plugin_close (void *handle)
+{
+  struct handle *h = handle;
+
+  qcow2_view_close (h->view);
+  free (h);
+}
+
+/* Exports: "" is the active image; every internal snapshot is a further,
+ * read-only export named after it.
+ */
+static int
+qcow2_plugin_list_exports (int readonly, int is_tls,
+                           struct nbdkit_exports *exports)
+{
+  (void) readonly; (void) is_tls;
+  if (nbdkit_add_export (exports, "", "active image") == -1)
+    return -1;
+  for (uint32_t i = 0; i < qcow2_snapshot_count (image); i++) {
+    struct qcow2_snapshot_info sn;
+    char desc[256], date[64];
+    time_t t;
+    struct tm tm;
+
+    qcow2_snapshot_get_info (image, i, &sn);
+    t = (time_t) sn.date_sec;
+    strftime (date, sizeof date, "%Y-%m-%d %H:%M:%S",
+              gmtime_r (&t, &tm));
+    snprintf (desc, sizeof desc, "snapshot id %s, %s UTC, %" PRIu64
+              " bytes, read-only", sn.id, date, sn.disk_size);
+    if (nbdkit_add_export (exports, *sn.name ? sn.name : sn.id, desc) == -1)
+      return -1;
+  }
+  return 0;
+}
+
+static const char *
+qcow2_plugin_export_description (void *handle)
+{
+  struct handle *h = handle;
+  return h->view ? "internal snapshot (read-only)" : "active image";
 }
 
 /* Before the first change to the image. */
 static int
-ensure_writable (void *handle)
+ensure_writable (void)
 {
   int r = 0;
 
-  if (!qcow2_is_writable (handle)) {
+  if (!qcow2_is_writable (image)) {
     pthread_mutex_lock (&enable_write_lock);
-    r = qcow2_enable_write (handle);
+    r = qcow2_enable_write (image);
     pthread_mutex_unlock (&enable_write_lock);
   }
   return r;
@@ -234,15 +299,18 @@ ensure_writable (void *handle)
 static int64_t
 qcow2_plugin_get_size (void *handle)
 {
-  return (int64_t) qcow2_get_size (handle);
+  struct handle *h = handle;
+  return (int64_t) (h->view ? qcow2_view_get_size (h->view)
+                            : qcow2_get_size (image));
 }
 
 static int
 qcow2_plugin_block_size (void *handle, uint32_t *minimum, uint32_t *preferred,
-                  uint32_t *maximum)
+                         uint32_t *maximum)
 {
+  (void) handle;
   *minimum = 1;
-  *preferred = qcow2_get_cluster_size (handle);
+  *preferred = qcow2_get_cluster_size (image);
   if (*preferred < 4096)
     *preferred = 4096;
   *maximum = 0xffffffff;
@@ -252,7 +320,8 @@ qcow2_plugin_block_size (void *handle, uint32_t *minimum, uint32_t *preferred,
 static int
 qcow2_plugin_can_write (void *handle)
 {
-  return qcow2_may_write (handle);
+  struct handle *h = handle;
+  return !h->view && qcow2_may_write (image);
 }
 
 static int
@@ -265,7 +334,7 @@ qcow2_plugin_can_fua (void *handle)
 static int
 qcow2_plugin_can_trim (void *handle)
 {
-  return qcow2_may_write (handle);
+  return qcow2_plugin_can_write (handle);
 }
 
 /* Zeroing never falls back to nbdkit's emulation (broken for requests over
@@ -275,7 +344,7 @@ qcow2_plugin_can_trim (void *handle)
 static int
 qcow2_plugin_can_zero (void *handle)
 {
-  return qcow2_may_write (handle);
+  return qcow2_plugin_can_write (handle);
 }
 
 static int
@@ -307,17 +376,22 @@ static int
 qcow2_plugin_pread (void *handle, void *buf, uint32_t count, uint64_t offset,
                     uint32_t flags)
 {
+  struct handle *h = handle;
+
   (void) flags;
-  return report (qcow2_read (handle, buf, count, offset));
+  return report (h->view ? qcow2_view_read (h->view, buf, count, offset)
+                         : qcow2_read (image, buf, count, offset));
 }
 
 static int
 qcow2_plugin_pwrite (void *handle, const void *buf, uint32_t count,
                      uint64_t offset, uint32_t flags)
 {
-  int r = ensure_writable (handle);
+  int r = ensure_writable ();
+
+  (void) handle;
   if (r == 0)
-    r = qcow2_write (handle, buf, count, offset, flags & NBDKIT_FLAG_FUA);
+    r = qcow2_write (image, buf, count, offset, flags & NBDKIT_FLAG_FUA);
   return report (r);
 }
 
@@ -325,9 +399,11 @@ static int
 qcow2_plugin_zero (void *handle, uint32_t count, uint64_t offset,
                    uint32_t flags)
 {
-  int r = ensure_writable (handle);
+  int r = ensure_writable ();
+
+  (void) handle;
   if (r == 0)
-    r = qcow2_zero (handle, count, offset, flags & NBDKIT_FLAG_MAY_TRIM,
+    r = qcow2_zero (image, count, offset, flags & NBDKIT_FLAG_MAY_TRIM,
                     flags & NBDKIT_FLAG_FAST_ZERO, flags & NBDKIT_FLAG_FUA);
   return report (r);
 }
@@ -336,17 +412,19 @@ static int
 qcow2_plugin_trim (void *handle, uint32_t count, uint64_t offset,
                    uint32_t flags)
 {
-  int r = ensure_writable (handle);
+  int r = ensure_writable ();
+
+  (void) handle;
   if (r == 0)
-    r = qcow2_trim (handle, count, offset, flags & NBDKIT_FLAG_FUA);
+    r = qcow2_trim (image, count, offset, flags & NBDKIT_FLAG_FUA);
   return report (r);
 }
 
 static int
 qcow2_plugin_flush (void *handle, uint32_t flags)
 {
-  (void) flags;
-  return report (qcow2_flush (handle));
+  (void) handle; (void) flags;
+  return report (qcow2_flush (image));
 }
 
 static int
@@ -365,9 +443,14 @@ static int
 qcow2_plugin_extents (void *handle, uint32_t count, uint64_t offset,
                       uint32_t flags, struct nbdkit_extents *extents)
 {
-  return report (qcow2_extents (handle, offset, count,
-                                flags & NBDKIT_FLAG_REQ_ONE, add_extent,
-                                extents));
+  struct handle *h = handle;
+  bool one = flags & NBDKIT_FLAG_REQ_ONE;
+
+  return report (h->view
+                 ? qcow2_view_extents (h->view, offset, count, one,
+                                       add_extent, extents)
+                 : qcow2_extents (image, offset, count, one, add_extent,
+                                  extents));
 }
 
 static struct nbdkit_plugin plugin = {
@@ -384,6 +467,9 @@ static struct nbdkit_plugin plugin = {
   .get_ready = qcow2_plugin_get_ready,
   .dump_plugin = qcow2_plugin_dump_plugin,
   .open = qcow2_plugin_open,
+  .close = qcow2_plugin_close,
+  .list_exports = qcow2_plugin_list_exports,
+  .export_description = qcow2_plugin_export_description,
   .get_size = qcow2_plugin_get_size,
   .block_size = qcow2_plugin_block_size,
   .can_write = qcow2_plugin_can_write,
