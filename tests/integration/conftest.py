@@ -17,6 +17,7 @@ import shlex
 import subprocess
 import tempfile
 import time
+import urllib.parse
 
 import nbd
 import pytest
@@ -114,9 +115,10 @@ class Server:
         return self._errlog.read()
 
     def connect(self, export=""):
+        """Connect to an export (the URI carries the export name)."""
         h = nbd.NBD()
-        h.set_export_name(export)
-        h.connect_uri(self.uri)
+        h.connect_uri("nbd+unix:///%s?socket=%s"
+                      % (urllib.parse.quote(export), self.sock))
         return h
 
 
