@@ -1,0 +1,673 @@
+#!/usr/bin/python3
+"""Side-by-side read benchmarks: nbdkit-qcow2-plugin vs qemu-nbd vs raw.
+
+Builds a set of test images in a temporary directory, serves each one in
+turn with
+
+  plugin    nbdkit + this project's qcow2 plugin, on the qcow2 image
+  qemu-nbd  qemu-nbd -e 8 --cache=writeback --discard=unmap -f qcow2,
+            on the same qcow2 image
+  file-raw  nbdkit's file plugin on the raw equivalent (same bytes)
+
+over a private Unix socket, drives each server with fio's nbd engine and
+prints one table row per workload with IOPS and MiB/s per server and the
+ratios plugin/qemu-nbd and plugin/file-raw.  See bench/README.md.
+
+Run it through bench/run.sh, or directly with Debian's /usr/bin/python3.
+Only the standard library is used.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_PLUGIN = os.path.join(ROOT, "build", "plugin",
+                              "nbdkit-qcow2-plugin.so")
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+# --------------------------------------------------------------------------
+# Images.  Each image kind is a qcow2 file (served by the plugin and by
+# qemu-nbd) plus a raw file with the same guest-visible bytes (served by
+# nbdkit-file-plugin).  Built once per run, lazily, only if a selected row
+# needs it.
+
+@dataclasses.dataclass(frozen=True)
+class Image:
+    name: str
+    qcow2: str          # file name in the work directory
+    raw: str            # raw file with the same content
+    what: str           # one line for the report
+
+
+IMAGES = {
+    "full": Image(
+        "full", "full.qcow2", "random.raw",
+        "fully allocated qcow2 (64k clusters) of random data"),
+    "compressed": Image(
+        "compressed", "compressed.qcow2", "text.raw",
+        "qcow2 made by 'qemu-img convert -c' (deflate) from compressible "
+        "text-like data"),
+    "overlay": Image(
+        "overlay", "overlay.qcow2", "random.raw",
+        "empty qcow2 overlay over full.qcow2: every read goes through the "
+        "backing file"),
+    # For write rows (later): an empty qcow2, so every write allocates.
+    "empty": Image(
+        "empty", "empty.qcow2", "empty.raw",
+        "empty qcow2 (64k clusters); raw equivalent is a sparse file"),
+}
+
+
+# --------------------------------------------------------------------------
+# Rows.  A row is one workload, a small declarative entry: the image it
+# runs on and the fio parameters.  Every server runs every row.
+#
+# write=True rows (not used yet: the plugin is read-only) are served
+# read-write, and each server gets a fresh copy of the image (and of the
+# raw file) so that no server sees another's writes.  Example rows for when
+# the plugin can write:
+#
+#   Row("overwrite-4k", "full", "randwrite", "4k", iodepth=16, write=True),
+#   Row("randwrite-4k-alloc", "empty", "randwrite", "4k", iodepth=16,
+#       write=True),
+#   Row("seqwrite-1M", "empty", "write", "1M", iodepth=4, write=True),
+#   Row("randwrite-4k-cow", "overlay", "randwrite", "4k", iodepth=16,
+#       write=True),
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    name: str
+    image: str              # key of IMAGES
+    rw: str                 # fio --rw
+    bs: str                 # fio --bs
+    iodepth: int = 1        # fio --iodepth (per job)
+    numjobs: int = 1        # fio --numjobs: each job is one NBD connection
+    write: bool = False     # serve read-write on fresh copies
+    fio_extra: tuple = ()   # further fio options, "--opt=value"
+
+
+ROWS = [
+    Row("seqread-1M", "full", "read", "1M", iodepth=4),
+    Row("randread-4k", "full", "randread", "4k", iodepth=16),
+    Row("randread-4k-4jobs", "full", "randread", "4k", iodepth=16,
+        numjobs=4),
+    Row("seqread-1M-compressed", "compressed", "read", "1M", iodepth=4),
+    Row("randread-4k-backing", "overlay", "randread", "4k", iodepth=16),
+]
+
+SERVERS = ["plugin", "qemu-nbd", "file-raw"]
+
+
+# --------------------------------------------------------------------------
+# Helpers.
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def run(cmd, **kw):
+    kw.setdefault("check", True)
+    return subprocess.run(cmd, **kw)
+
+
+def need(prog):
+    if shutil.which(prog) is None:
+        sys.exit(f"bench: {prog} not found in PATH")
+
+
+def tool_version(cmd):
+    try:
+        out = subprocess.run(cmd, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True).stdout
+        return out.splitlines()[0].strip() if out else "?"
+    except OSError:
+        return "?"
+
+
+def plugin_features(plugin):
+    """--dump-plugin as a dict."""
+    out = run(["nbdkit", plugin, "--dump-plugin"], stdout=subprocess.PIPE,
+              text=True).stdout
+    d = {}
+    for line in out.splitlines():
+        k, sep, v = line.partition("=")
+        if sep:
+            d[k] = v
+    return d
+
+
+def make_random_raw(path, size):
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 16 * MiB)
+            f.write(os.urandom(n))
+            left -= n
+
+
+def make_text_raw(path, size):
+    """Compressible, text-like data: random words from a small vocabulary.
+
+    deflate (with QEMU's 4 KiB window) gets it to about 60%; no cluster is
+    all zeros, so every cluster is stored compressed.  16 MiB of it is
+    generated and repeated (clusters are compressed one by one, so the
+    repetition does not change the ratio).
+    """
+    rnd = random.Random(42)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = ["".join(rnd.choice(letters) for _ in range(rnd.randint(2, 10)))
+             for _ in range(4000)]
+    block = bytearray()
+    unit = 16 * MiB
+    while len(block) < unit:
+        words = rnd.choices(vocab, k=4096)
+        line = " ".join(words) + "\n"
+        block += line.encode()
+    block = bytes(block[:unit])
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, unit)
+            f.write(block[:n])
+            left -= n
+
+
+def qemu_img(*args):
+    run(["qemu-img", *args], stdout=subprocess.DEVNULL)
+
+
+class Images:
+    """Builds the images on demand in workdir."""
+
+    def __init__(self, workdir, size):
+        self.dir = workdir
+        self.size = size
+        self.built = set()
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def _build_file(self, name):
+        if name in self.built:
+            return
+        p = self.path(name)
+        t = time.time()
+        if name == "random.raw":
+            make_random_raw(p, self.size)
+        elif name == "text.raw":
+            make_text_raw(p, self.size)
+        elif name == "empty.raw":
+            with open(p, "wb") as f:
+                f.truncate(self.size)
+        elif name == "full.qcow2":
+            self._build_file("random.raw")
+            qemu_img("convert", "-f", "raw", "-O", "qcow2",
+                     "-o", "cluster_size=65536",
+                     self.path("random.raw"), p)
+        elif name == "compressed.qcow2":
+            self._build_file("text.raw")
+            qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2",
+                     "-o", "cluster_size=65536,compression_type=zlib",
+                     self.path("text.raw"), p)
+        elif name == "overlay.qcow2":
+            self._build_file("full.qcow2")
+            qemu_img("create", "-f", "qcow2", "-o", "cluster_size=65536",
+                     "-b", "full.qcow2", "-F", "qcow2", p)
+        elif name == "empty.qcow2":
+            qemu_img("create", "-f", "qcow2", "-o", "cluster_size=65536",
+                     p, str(self.size))
+        else:
+            raise KeyError(name)
+        self.built.add(name)
+        log(f"bench: built {name} ({os.stat(p).st_blocks * 512 / MiB:.0f} "
+            f"MiB on disk) in {time.time() - t:.1f} s")
+
+    def build(self, image):
+        self._build_file(image.qcow2)
+        self._build_file(image.raw)
+
+    def files(self, image):
+        """Every file a server of this image reads (for the warm-up)."""
+        names = [image.qcow2, image.raw]
+        if image.name == "overlay":
+            names.append("full.qcow2")
+        return [self.path(n) for n in names]
+
+    def fresh_copy(self, image, tag):
+        """Private copies for a write row; returns (qcow2, raw) paths.
+
+        An overlay copy keeps pointing at the shared, unmodified backing
+        file (relative name), so it is copied into the same directory.
+        """
+        out = []
+        for n in (image.qcow2, image.raw):
+            dst = self.path(f"{tag}-{n}")
+            run(["cp", "--reflink=auto", "--sparse=always", self.path(n),
+                 dst])
+            out.append(dst)
+        return tuple(out)
+
+
+def warm_page_cache(paths):
+    for p in paths:
+        with open(p, "rb") as f:
+            while f.read(16 * MiB):
+                pass
+
+
+# --------------------------------------------------------------------------
+# Servers.
+
+def probe(sock):
+    """True once the server answers on sock.
+
+    With libnbd's Python module (Debian's python3-libnbd) this is a full
+    handshake and a clean disconnect, so the servers log nothing; without
+    it, a bare connect.
+    """
+    try:
+        import nbd
+    except ImportError:
+        nbd = None
+    if nbd is not None:
+        try:
+            h = nbd.NBD()
+            h.connect_unix(sock)
+            h.shutdown()
+            return True
+        except nbd.Error:
+            return False
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(sock)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def wait_for_socket(sock, proc, what, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode}")
+        if os.path.exists(sock) and probe(sock):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not start listening on {sock}")
+
+
+def server_command(server, sock, qcow2_path, raw_path, plugin, writable):
+    ro = [] if writable else ["-r"]
+    nbdkit = ["nbdkit", "-f", "-U", sock, "-D", "nbdkit.backend.datapath=0",
+              *ro]
+    if server == "plugin":
+        return nbdkit + [plugin, "file=" + qcow2_path]
+    if server == "qemu-nbd":
+        # -t (--persistent): keep serving after the warm-up disconnects.
+        return ["qemu-nbd", "-e", "8", "--cache=writeback",
+                "--discard=unmap", "-f", "qcow2", *ro, "-t", "-k", sock,
+                qcow2_path]
+    if server == "file-raw":
+        return nbdkit + ["file", "file=" + raw_path]
+    raise KeyError(server)
+
+
+@contextlib.contextmanager
+def serving(cmd, sock, logpath):
+    with open(logpath, "ab") as errlog:
+        errlog.write(("\n$ " + " ".join(cmd) + "\n").encode())
+        errlog.flush()
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
+                                stdout=errlog, stderr=errlog)
+    try:
+        wait_for_socket(sock, proc, cmd[0])
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sock)
+
+
+# --------------------------------------------------------------------------
+# fio.
+
+def fio(uri, row, runtime, ramp, name):
+    cmd = ["fio", "--name=" + name, "--ioengine=nbd", "--uri=" + uri,
+           "--rw=" + row.rw, "--bs=" + row.bs,
+           f"--iodepth={row.iodepth}", f"--numjobs={row.numjobs}",
+           "--group_reporting", "--output-format=json"]
+    if runtime:
+        cmd += ["--time_based", f"--runtime={runtime}",
+                f"--ramp_time={ramp}"]
+    cmd += list(row.fio_extra)
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"fio failed ({p.returncode}): {p.stderr.strip()}"
+                           f"\ncommand: {' '.join(cmd)}")
+    # fio may print notes before the JSON document.
+    out = p.stdout
+    data = json.loads(out[out.index("{"):])
+    job = data["jobs"][0]
+    iops = bw = 0.0
+    for d in ("read", "write"):
+        iops += job[d]["iops"]
+        bw += job[d]["bw_bytes"]
+    return {"iops": iops, "mib_s": bw / MiB}
+
+
+def warm_up(uri):
+    """One sequential pass over the whole disk (fills server caches)."""
+    row = Row("warm-up", "", "read", "1M", iodepth=8)
+    fio(uri, row, 0, 0, "warm-up")
+
+
+def run_one(row, server, images, image, sock, uri, plugin, serverlog,
+            runtime, ramp, note):
+    """Start server for row, warm it up, measure, stop it."""
+    if row.write:
+        qcow2_path, raw_path = images.fresh_copy(image,
+                                                 f"{row.name}-{server}")
+    else:
+        qcow2_path = images.path(image.qcow2)
+        raw_path = images.path(image.raw)
+    cmd = server_command(server, sock, qcow2_path, raw_path, plugin,
+                         row.write)
+    log(f"bench: {row.name} on {server}{note} ...")
+    try:
+        with serving(cmd, sock, serverlog):
+            warm_up(uri)
+            return fio(uri, row, runtime, ramp, row.name)
+    finally:
+        if row.write:
+            for p in (qcow2_path, raw_path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(p)
+
+
+def median_result(samples):
+    """The sample with the median IOPS, plus every sample's IOPS."""
+    ordered = sorted(samples, key=lambda r: r["iops"])
+    mid = dict(ordered[(len(ordered) - 1) // 2])
+    if len(samples) > 1:
+        mid["samples_iops"] = [r["iops"] for r in samples]
+    return mid
+
+
+# --------------------------------------------------------------------------
+# Report.
+
+def fmt_iops(x):
+    if x is None:
+        return "-"
+    return f"{x:,.0f}"
+
+
+def fmt_mib(x):
+    if x is None:
+        return "-"
+    return f"{x:,.1f}" if x < 100 else f"{x:,.0f}"
+
+
+def fmt_ratio(x):
+    return "-" if x is None else f"{x:.2f}"
+
+
+def ratio(results, a, b):
+    ra, rb = results.get(a), results.get(b)
+    if not ra or not rb or not rb["iops"]:
+        return None
+    return ra["iops"] / rb["iops"]
+
+
+def table(rows_out, servers):
+    head1 = ["workload"]
+    head2 = [""]
+    for s in servers:
+        head1 += [s, ""]
+        head2 += ["IOPS", "MiB/s"]
+    head1 += ["plugin/", "plugin/"]
+    head2 += ["qemu-nbd", "file-raw"]
+    body = []
+    for r in rows_out:
+        line = [r["workload"]]
+        for s in servers:
+            res = r["results"].get(s)
+            line += [fmt_iops(res and res["iops"]),
+                     fmt_mib(res and res["mib_s"])]
+        line += [fmt_ratio(r["plugin/qemu-nbd"]),
+                 fmt_ratio(r["plugin/file-raw"])]
+        body.append(line)
+    widths = [max(len(x[i]) for x in [head1, head2] + body)
+              for i in range(len(head1))]
+
+    def render(cells):
+        out = [cells[0].ljust(widths[0])]
+        out += [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]
+        return "  ".join(out).rstrip()
+
+    lines = [render(head1), render(head2),
+             "  ".join("-" * w for w in widths)]
+    lines += [render(b) for b in body]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+
+def parse_size(s):
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    s = s.strip().lower().rstrip("ib").rstrip("i")
+    if s and s[-1] in units:
+        return int(float(s[:-1]) * units[s[-1]])
+    return int(s)
+
+
+def main():
+    ap = argparse.ArgumentParser(
+        prog="bench/run.sh",
+        description="Benchmark nbdkit-qcow2-plugin against qemu-nbd and "
+                    "nbdkit-file-plugin with fio's nbd engine.")
+    ap.add_argument("--quick", action="store_true",
+                    help="3 s per row instead of 10 s")
+    ap.add_argument("--runtime", type=float,
+                    help="seconds of measurement per row and server "
+                         "(default 10, --quick 3)")
+    ap.add_argument("--ramp", type=float, default=1,
+                    help="fio ramp time before each measurement (default 1)")
+    ap.add_argument("--repeat", type=int, default=1, metavar="N",
+                    help="measure every row and server N times and report "
+                         "the median (default 1)")
+    ap.add_argument("--json", metavar="FILE",
+                    help="also write the results as JSON to FILE "
+                         "('-' for stdout)")
+    ap.add_argument("--size", default="1G",
+                    help="virtual disk size (default 1G)")
+    ap.add_argument("--rows", help="comma-separated row names to run")
+    ap.add_argument("--servers", default=",".join(SERVERS),
+                    help="comma-separated servers (default: all: "
+                         + ",".join(SERVERS) + ")")
+    ap.add_argument("--workdir",
+                    help="directory for images (default: a temporary "
+                         "directory, removed at the end); existing images "
+                         "there are reused")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the temporary directory")
+    ap.add_argument("--list", action="store_true",
+                    help="list the rows and exit")
+    args = ap.parse_args()
+
+    if args.list:
+        for r in ROWS:
+            print(f"{r.name:24} image={r.image} rw={r.rw} bs={r.bs} "
+                  f"iodepth={r.iodepth} numjobs={r.numjobs}"
+                  f"{' write' if r.write else ''}")
+        return 0
+
+    runtime = args.runtime or (3 if args.quick else 10)
+    if args.repeat < 1:
+        sys.exit("bench: --repeat must be at least 1")
+    size = parse_size(args.size)
+    plugin = os.path.abspath(os.environ.get("QCOW2_PLUGIN", DEFAULT_PLUGIN))
+    servers = [s for s in args.servers.split(",") if s]
+    for s in servers:
+        if s not in SERVERS:
+            sys.exit(f"bench: unknown server {s!r} (known: "
+                     f"{', '.join(SERVERS)})")
+    rows = ROWS
+    if args.rows:
+        want = args.rows.split(",")
+        known = {r.name for r in ROWS}
+        for w in want:
+            if w not in known:
+                sys.exit(f"bench: unknown row {w!r} (see --list)")
+        rows = [r for r in ROWS if r.name in want]
+
+    for prog in ("nbdkit", "qemu-img", "fio"):
+        need(prog)
+    if "qemu-nbd" in servers:
+        need("qemu-nbd")
+    if "plugin" in servers and not os.path.exists(plugin):
+        sys.exit(f"bench: plugin {plugin} not found: build it "
+                 "(ninja -C build) or set QCOW2_PLUGIN")
+
+    features = plugin_features(plugin) if "plugin" in servers else {}
+    if "plugin" in servers and features.get("qcow2_write") != "yes":
+        skipped = [r.name for r in rows if r.write]
+        if skipped:
+            log("bench: the plugin cannot write yet; skipping "
+                + ", ".join(skipped))
+        rows = [r for r in rows if not r.write]
+
+    if args.workdir:
+        workdir = os.path.abspath(args.workdir)
+        os.makedirs(workdir, exist_ok=True)
+        cleanup = False
+    else:
+        workdir = tempfile.mkdtemp(prefix="qcow2-bench-",
+                                   dir=os.environ.get("TMPDIR", "/var/tmp"))
+        cleanup = not args.keep
+    sockdir = tempfile.mkdtemp(prefix="qcow2-bench-sock-")
+    sock = os.path.join(sockdir, "nbd.sock")
+    uri = f"nbd+unix:///?socket={sock}"
+    serverlog = os.path.join(workdir, "servers.log")
+    log(f"bench: work directory {workdir}, {runtime:g} s per row and "
+        f"server, server logs in {serverlog}")
+
+    images = Images(workdir, size)
+    # Reuse existing files in --workdir of the right size.
+    if args.workdir:
+        for img in IMAGES.values():
+            for n in (img.qcow2, img.raw):
+                p = images.path(n)
+                if os.path.exists(p) and n.endswith(".raw") and \
+                        os.path.getsize(p) == size:
+                    images.built.add(n)
+        for img in IMAGES.values():
+            p = images.path(img.qcow2)
+            if os.path.exists(p):
+                info = json.loads(run(
+                    ["qemu-img", "info", "--output=json", "-U", p],
+                    stdout=subprocess.PIPE, text=True).stdout)
+                if info.get("virtual-size") == size:
+                    images.built.add(img.qcow2)
+
+    rows_out = []
+    try:
+        for img_name in dict.fromkeys(r.image for r in rows):
+            images.build(IMAGES[img_name])
+        for row in rows:
+            image = IMAGES[row.image]
+            samples = {s: [] for s in servers}
+            warm_page_cache(images.files(image))
+            # Repetitions go round the servers in turn, so slow drifts of
+            # the machine hit every server alike.
+            for rep in range(args.repeat):
+                for server in servers:
+                    samples[server].append(run_one(
+                        row, server, images, image, sock, uri, plugin,
+                        serverlog, runtime, args.ramp,
+                        f" (run {rep + 1}/{args.repeat})"
+                        if args.repeat > 1 else ""))
+            results = {s: median_result(v) for s, v in samples.items()}
+            rows_out.append({
+                "workload": row.name,
+                "image": image.name,
+                "fio": {"rw": row.rw, "bs": row.bs, "iodepth": row.iodepth,
+                        "numjobs": row.numjobs,
+                        "extra": list(row.fio_extra)},
+                "write": row.write,
+                "results": results,
+                "plugin/qemu-nbd": ratio(results, "plugin", "qemu-nbd"),
+                "plugin/file-raw": ratio(results, "plugin", "file-raw"),
+            })
+    finally:
+        shutil.rmtree(sockdir, ignore_errors=True)
+        if cleanup:
+            shutil.rmtree(workdir, ignore_errors=True)
+        elif rows_out:
+            log(f"bench: images kept in {workdir}")
+
+    out = sys.stderr if args.json == "-" else sys.stdout
+    print(table(rows_out, servers), file=out)
+    print(file=out)
+    print(f"ratios are IOPS (= MiB/s) of the plugin divided by the other "
+          f"server's; > 1 means the plugin is faster.", file=out)
+    print(f"{runtime:g} s per row and server after a {args.ramp:g} s ramp"
+          + (f", median of {args.repeat} runs" if args.repeat > 1 else "")
+          + f", {os.cpu_count()} CPUs, virtual disk {size / GiB:g} GiB.",
+          file=out)
+
+    if args.json:
+        doc = {
+            "date": datetime.datetime.now(datetime.timezone.utc)
+                    .isoformat(timespec="seconds"),
+            "host": {"cpus": os.cpu_count(), "kernel": platform.release(),
+                     "machine": platform.machine()},
+            "versions": {
+                "plugin": features.get("qcow2_version", "?"),
+                "nbdkit": tool_version(["nbdkit", "--version"]),
+                "qemu-nbd": tool_version(["qemu-nbd", "--version"]),
+                "fio": tool_version(["fio", "--version"]),
+            },
+            "plugin": plugin,
+            "settings": {"runtime_s": runtime, "ramp_s": args.ramp,
+                         "repeat": args.repeat,
+                         "virtual_size": size, "servers": servers},
+            "images": {k: v.what for k, v in IMAGES.items()
+                       if any(r.image == k for r in rows)},
+            "rows": rows_out,
+        }
+        text = json.dumps(doc, indent=2) + "\n"
+        if args.json == "-":
+            sys.stdout.write(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

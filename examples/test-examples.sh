@@ -1,0 +1,313 @@
+#!/bin/bash
+# Run the command lines of examples/README.md that can run on this machine.
+#
+#   examples/test-examples.sh
+#
+# QCOW2_PLUGIN selects the plugin (default build/plugin/nbdkit-qcow2-plugin.so
+# in this tree).  Every check prints PASS, FAIL or SKIP (a tool is missing);
+# the exit status is 1 if any check failed.
+set -u
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(dirname "$here")"
+plugin="${QCOW2_PLUGIN:-$root/build/plugin/nbdkit-qcow2-plugin.so}"
+plugin="$(realpath "$plugin")"
+# nbdsh needs the nbd module, which only Debian's python3 has.
+export PATH="/usr/bin:$PATH"
+
+if [ ! -f "$plugin" ]; then
+    echo "$0: plugin $plugin not found: ninja -C build, or set QCOW2_PLUGIN" >&2
+    exit 1
+fi
+for t in nbdkit qemu-img qemu-io nbdinfo nbdcopy nbdsh; do
+    if ! command -v $t >/dev/null; then
+        echo "$0: $t is needed" >&2
+        exit 1
+    fi
+done
+
+tmp="$(mktemp -d /tmp/qcow2-examples.XXXXXX)"
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+    wait 2>/dev/null
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+cd "$tmp"
+
+pass=0 fail=0 skip=0
+result() {   # result NAME STATUS [DETAIL]
+    printf '%-4s %s%s\n' "$2" "$1" "${3:+: $3}"
+    case $2 in PASS) pass=$((pass+1));; FAIL) fail=$((fail+1));;
+               SKIP) skip=$((skip+1));; esac
+}
+# check NAME CMD...: PASS if CMD succeeds; its output goes to NAME.log.
+check() {
+    local name=$1; shift
+    local log="$tmp/log.${name//[^A-Za-z0-9]/_}"
+    if "$@" >"$log" 2>&1; then
+        result "$name" PASS
+    else
+        result "$name" FAIL "see below"
+        sed 's/^/    | /' "$log" | tail -20
+    fi
+}
+skip() { result "$1" SKIP "$2"; }
+
+# wait_for FILE: wait up to 30 s for a file (pidfile, socket) to appear.
+wait_for() {
+    for _ in $(seq 300); do [ -e "$1" ] && return 0; sleep 0.1; done
+    return 1
+}
+
+# The test image: 64 MiB with data, a zero area, a compressed cluster and
+# holes; ref.raw is what QEMU reads from it.
+qemu-img create -q -f qcow2 disk.qcow2 64M
+qemu-io -f qcow2 -c 'write -P 0x41 0 1M' -c 'write -P 0x42 10M 64k' \
+        -c 'write -z 20M 1M' -c 'write -c -P 0x43 30M 64k' disk.qcow2 >/dev/null
+qemu-img convert -f qcow2 -O raw disk.qcow2 ref.raw
+sha256sum disk.qcow2 > disk.sha256
+size=$(stat -c %s ref.raw)
+
+# ---------------------------------------------------------------- nbdinfo
+t_nbdinfo() {
+    nbdkit -U - "$plugin" disk.qcow2 --run 'nbdinfo "$uri"' > info.txt &&
+    grep -q "export-size: $size" info.txt &&
+    grep -q 'can_multi_conn: true' info.txt &&
+    grep -q 'block_size_preferred: 65536' info.txt
+}
+check "nbdinfo (captive)" t_nbdinfo
+
+t_nbdinfo_map() {
+    nbdinfo --map -- [ nbdkit "$plugin" disk.qcow2 ] > map.txt &&
+    cat map.txt &&
+    grep -Eq '^ +0 +1048576 +0 +data' map.txt &&
+    grep -q 'hole,zero' map.txt
+}
+check "nbdinfo --map -- [ nbdkit ... ] (socket activation by libnbd)" t_nbdinfo_map
+
+# ------------------------------------------------- daemon with -U and -P
+sock="$tmp/disk.sock"
+t_daemon() {
+    nbdkit -U "$sock" -P "$tmp/disk.pid" "$plugin" disk.qcow2 &&
+    wait_for "$tmp/disk.pid" &&
+    pids+=("$(cat "$tmp/disk.pid")") &&
+    [ "$(nbdinfo --size "nbd+unix:///?socket=$sock")" = "$size" ]
+}
+check "daemon: nbdkit -U SOCK -P PIDFILE, nbdinfo --size" t_daemon
+
+# ---------------------------------------------------------- qemu-img
+t_convert_uri() {
+    qemu-img convert -f raw "nbd+unix:///?socket=$sock" -O raw c1.raw &&
+    cmp c1.raw ref.raw
+}
+check "qemu-img convert -f raw nbd+unix:///?socket=... -O raw" t_convert_uri
+
+t_convert_qcow2() {
+    qemu-img convert -f raw "nbd+unix:///?socket=$sock" -O qcow2 -c c1.qcow2 &&
+    qemu-img compare -f raw -F qcow2 ref.raw c1.qcow2
+}
+check "qemu-img convert ... -O qcow2 -c" t_convert_qcow2
+
+t_convert_old() {
+    qemu-img convert -f raw "nbd:unix:$sock" -O raw c2.raw && cmp c2.raw ref.raw
+}
+check "qemu-img convert -f raw nbd:unix:SOCK" t_convert_old
+
+t_image_opts() {
+    qemu-img convert --image-opts \
+        "driver=nbd,server.type=unix,server.path=$sock,read-only=on" \
+        -O raw c3.raw && cmp c3.raw ref.raw
+}
+check "-blockdev style options (qemu-img convert --image-opts)" t_image_opts
+
+t_nbdcopy() {
+    nbdcopy "nbd+unix:///?socket=$sock" d1.raw && cmp d1.raw ref.raw &&
+    [ "$(nbdcopy "nbd+unix:///?socket=$sock" - | sha256sum)" = \
+      "$(sha256sum < ref.raw)" ]
+}
+check "nbdcopy URI FILE, URI -" t_nbdcopy
+
+# -------------------------------------- qemu-system, guestfish (if present)
+t_qemu_system() {
+    printf '%s\n' '{"execute":"qmp_capabilities"}' \
+        '{"execute":"query-block"}' '{"execute":"quit"}' |
+    timeout 60 qemu-system-x86_64 -machine none -nodefaults -display none \
+        -drive "file=nbd+unix:///?socket=$sock,format=raw,if=none,id=d0,readonly=on" \
+        -qmp stdio > qmp.txt &&
+    grep -q '"ro": true' qmp.txt && grep -q nbd qmp.txt
+}
+if command -v qemu-system-x86_64 >/dev/null; then
+    check "qemu-system-x86_64 -drive file=nbd+unix:...,format=raw,readonly=on" t_qemu_system
+else
+    skip "qemu-system with an NBD drive" "qemu-system-x86_64 not installed"
+fi
+
+t_guestfish() {
+    guestfish --ro --format=raw -a "nbd://?socket=$sock" run : list-devices |
+        grep -q /dev/sda
+}
+if command -v guestfish >/dev/null; then
+    check "guestfish --ro --format=raw -a nbd://?socket=..." t_guestfish
+else
+    skip "guestfish" "guestfish not installed"
+fi
+
+# Stop the daemon: a server takes the image's lock (when the plugin can
+# lock), and the tests below start their own servers on the same image.
+t_daemon_stop() {
+    local pid
+    pid=$(cat "$tmp/disk.pid") && kill "$pid" &&
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done &&
+    ! kill -0 "$pid" 2>/dev/null
+}
+check "daemon stopped by pid" t_daemon_stop
+
+t_captive_convert() {
+    nbdkit -U - "$plugin" disk.qcow2 \
+        --run 'qemu-img convert -f raw "$uri" -O raw c4.raw' &&
+    cmp c4.raw ref.raw
+}
+check "qemu-img convert captive (--run with \$uri)" t_captive_convert
+
+# ------------------------------------------------- nbdcopy, own servers
+t_nbdcopy_captive() {
+    nbdkit -U - "$plugin" disk.qcow2 --run 'nbdcopy "$uri" d2.raw' &&
+    cmp d2.raw ref.raw
+}
+check "nbdcopy captive" t_nbdcopy_captive
+
+t_nbdcopy_sa() {
+    nbdcopy -- [ nbdkit "$plugin" disk.qcow2 ] d3.raw && cmp d3.raw ref.raw
+}
+check "nbdcopy -- [ nbdkit ... ] FILE" t_nbdcopy_sa
+
+t_nbdcopy_qemu_nbd() {
+    qemu-img create -q -f qcow2 d4.qcow2 "$(nbdinfo --size -- [ nbdkit "$plugin" disk.qcow2 ])" &&
+    nbdcopy -- [ nbdkit "$plugin" disk.qcow2 ] [ qemu-nbd -f qcow2 d4.qcow2 ] &&
+    qemu-img compare -f raw -F qcow2 ref.raw d4.qcow2
+}
+if command -v qemu-nbd >/dev/null; then
+    check "nbdcopy -- [ nbdkit ... ] [ qemu-nbd -f qcow2 ... ]" t_nbdcopy_qemu_nbd
+else
+    skip "nbdcopy to [ qemu-nbd ]" "qemu-nbd not installed"
+fi
+
+# ------------------------------------------------------------ filters
+t_cow() {
+    nbdkit -U - --filter=cow "$plugin" disk.qcow2 --run 'nbdsh -u "$uri" -c "
+assert not h.is_read_only()
+h.pwrite(b\"hello\" * 1000, 4096)
+h.flush()
+assert h.pread(5000, 4096) == b\"hello\" * 1000
+assert h.pread(4096, 0) == b\"A\" * 4096
+h.trim(1 << 20, 10 << 20)
+assert h.pread(65536, 10 << 20) == bytes(65536)
+"' && sha256sum -c --quiet disk.sha256
+}
+check "cow filter: write, trim, read back with nbdsh; image unchanged" t_cow
+
+t_blocksize_policy() {
+    nbdkit -U - --filter=blocksize-policy "$plugin" disk.qcow2 \
+        blocksize-minimum=512 blocksize-maximum=32M \
+        blocksize-error-policy=error --run '
+nbdinfo "$uri" | grep -q "block_size_minimum: 512" &&
+nbdinfo "$uri" | grep -q "block_size_maximum: 33554432" &&
+nbdsh -u "$uri" -c "
+import errno
+h.set_strict_mode(0)    # let the unaligned request reach the server
+try:
+    h.pread(100, 1)
+    raise SystemExit(\"unaligned read was allowed\")
+except nbd.Error as e:
+    assert e.errnum == errno.EINVAL, e
+assert h.pread(512, 0) == b\"A\" * 512
+"'
+}
+check "blocksize-policy filter: limits shown, unaligned read refused" t_blocksize_policy
+
+t_log() {
+    nbdkit -U - --filter=log "$plugin" disk.qcow2 logfile="$tmp/disk.log" \
+        --run 'nbdcopy "$uri" null:' &&
+    grep -q 'Read id=' disk.log && grep -q 'Extents id=' disk.log
+}
+check "log filter: logfile= records reads and extents" t_log
+
+t_log_cow() {
+    nbdkit -U - --filter=log --filter=cow "$plugin" disk.qcow2 \
+        logfile="$tmp/disk2.log" --run 'nbdsh -u "$uri" -c "h.pwrite(b\"x\" * 512, 0)"' &&
+    grep -q 'Write id=' disk2.log && sha256sum -c --quiet disk.sha256
+}
+check "log + cow filters combined" t_log_cow
+
+# ------------------------------------------------- systemd socket units
+t_units_verify() {
+    mkdir -p units &&
+    cp "$here/nbdkit-qcow2@.socket" units/nbdkit-qcow2@test.socket &&
+    cp "$here/nbdkit-qcow2@.service" units/nbdkit-qcow2@test.service &&
+    systemd-analyze verify --man=no units/nbdkit-qcow2@test.socket \
+        units/nbdkit-qcow2@test.service 2>&1 | tee verify.txt &&
+    ! grep -q 'nbdkit-qcow2@' verify.txt
+}
+if command -v systemd-analyze >/dev/null; then
+    check "systemd-analyze verify nbdkit-qcow2@.socket/.service" t_units_verify
+else
+    skip "systemd-analyze verify" "systemd-analyze not installed"
+fi
+
+# The service's ExecStart under systemd-socket-activate, which passes a
+# listening socket with LISTEN_FDS/LISTEN_PID as systemd does.  The image
+# directory and the plugin name are replaced by the test's.
+t_socket_activation() {
+    local line cmd sasock="$tmp/sa.sock"
+    line=$(sed -n 's/^ExecStart=//p' "$here/nbdkit-qcow2@.service")
+    line=${line//%i/disk}
+    line=${line//\/var\/lib\/nbdkit-qcow2\//$tmp/}
+    read -r -a cmd <<< "$line"
+    for i in "${!cmd[@]}"; do
+        [ "${cmd[$i]}" = qcow2 ] && cmd[$i]=$plugin
+    done
+    echo "running: ${cmd[*]}"
+    systemd-socket-activate -l "$sasock" "${cmd[@]}" &
+    local sapid=$!
+    pids+=("$sapid")
+    wait_for "$sasock" &&
+    # Two clients one after the other, and two at once: one nbdkit serves all.
+    [ "$(nbdinfo --size "nbd+unix:///?socket=$sasock")" = "$size" ] &&
+    nbdcopy "nbd+unix:///?socket=$sasock" sa.raw && cmp sa.raw ref.raw &&
+    { nbdinfo --size "nbd+unix:///?socket=$sasock" > sa1 &
+      nbdinfo --size "nbd+unix:///?socket=$sasock" > sa2; wait $!; } &&
+    [ "$(cat sa2)" = "$size" ] &&
+    kill -0 "$sapid" && grep -qx nbdkit "/proc/$sapid/comm"
+}
+if command -v systemd-socket-activate >/dev/null; then
+    check "socket activation: service ExecStart under systemd-socket-activate" \
+          t_socket_activation
+else
+    skip "socket activation" "systemd-socket-activate not installed"
+fi
+
+# ------------------------------------------------------------- libvirt
+t_libvirt_xml() {
+    xmllint --noout "$here/libvirt-nbd-disk.xml" &&
+    xmllint --xpath "string(/disk/driver/@type)" "$here/libvirt-nbd-disk.xml" |
+        grep -qx raw &&
+    xmllint --xpath "string(/disk/source/@protocol)" "$here/libvirt-nbd-disk.xml" |
+        grep -qx nbd
+}
+if command -v xmllint >/dev/null; then
+    check "libvirt-nbd-disk.xml well-formed, raw over nbd" t_libvirt_xml
+else
+    skip "libvirt XML" "xmllint not installed"
+fi
+if command -v virt-xml-validate >/dev/null; then
+    check "libvirt-nbd-disk.xml valid (virt-xml-validate)" \
+          virt-xml-validate "$here/libvirt-nbd-disk.xml"
+else
+    skip "libvirt schema validation" "virt-xml-validate not installed"
+fi
+
+echo
+echo "$pass passed, $fail failed, $skip skipped (plugin: $plugin)"
+[ "$fail" -eq 0 ]
