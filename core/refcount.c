@@ -9,12 +9,19 @@
  *   search skips them until flush.c applies the decrement);
  * - a new refcount block is placed at the first cluster of the range it
  *   covers, so it describes itself and never needs another block: a range
- *   without a block has no used cluster, so that cluster is free;
+ *   without a block has no used cluster, so that cluster is free.  That
+ *   leaves no free run longer than a range, so a larger allocation goes
+ *   past the end of the file instead, behind the refcount blocks it needs,
+ *   packed together and counting each other (alloc_past_end);
  * - refcount table growth writes the new blocks and table beyond the end of
  *   the file, syncs them, then switches the header in one write and sync,
  *   and only then frees the old table (QEMU's order, qcow2_refcount_area);
  * - refcount increases reach the disk before any L2 entry that uses them,
- *   because flush.c writes this cache back and syncs before the L2 cache.
+ *   because flush.c writes this cache back and syncs before the L2 cache;
+ * - the host cluster that compressed data is being packed into
+ *   (compressed_free, see compress.c) is counted by the compressed
+ *   clusters in it; when its refcount drops to 0 the packer forgets it,
+ *   so a cluster handed out whole never receives packed bytes.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -165,8 +172,12 @@ qcow2_refcount_get (struct qcow2_image *img, uint64_t cluster,
 static void
 grow_file_size (struct qcow2_image *img, uint64_t end)
 {
-  if (end > img->file_size)
-    __atomic_store_n (&img->file_size, end, __ATOMIC_RELEASE);
+  /* write.c grows it too, without the writer lock. */
+  uint64_t old = __atomic_load_n (&img->file_size, __ATOMIC_ACQUIRE);
+  while (end > old &&
+         !__atomic_compare_exchange_n (&img->file_size, &old, end, false,
+                                       __ATOMIC_RELEASE, __ATOMIC_ACQUIRE))
+    ;
 }
 
 /* Create the refcount block for reftable slot `index` at the first
@@ -229,7 +240,7 @@ grow_reftable (struct qcow2_image *img, uint64_t need)
   int r;
 
   /* First refblock range at or past the end of the file with no block. */
-  start = div_round_up (img->file_size >> img->cluster_bits, E);
+  start = div_round_up (qcow2_file_size (img) >> img->cluster_bits, E);
   while (start < w->reftable_entries && w->reftable[start] != 0)
     start++;
 
@@ -328,6 +339,18 @@ qcow2_refcount_update (struct qcow2_image *img, uint64_t cluster, int delta)
   uint64_t slice_offset, bit, v;
   int r;
 
+  /* Without a refcount block the refcount is 0, so a decrement is an
+   * underflow: say so before creating anything.  Otherwise releasing a
+   * cluster that a hostile L2 entry places far past the end of the file
+   * (a COW of 0x0000000e00000000) grows the refcount table and writes a
+   * refcount block out there, making the file tens of GiB long.
+   */
+  if (delta < 0 &&
+      (index >= w->reftable_entries || w->reftable[index] == 0)) {
+    qcow2_error ("refcount of cluster %#" PRIx64 " would drop below 0 "
+                 "(refcount 0)", cluster << img->cluster_bits);
+    return -EIO;
+  }
   if (index >= w->reftable_entries) {
     r = grow_reftable (img, index + 1);
     if (r < 0)
@@ -358,6 +381,8 @@ qcow2_refcount_update (struct qcow2_image *img, uint64_t cluster, int delta)
   qcow2_cache_put (w->refblock_cache, slice);
   if (delta < 0 && v == 1 && cluster < w->free_hint)
     w->free_hint = cluster;
+  if (delta < 0 && v == 1)
+    qcow2_compressed_cluster_freed (img, cluster);
   return 0;
 }
 
@@ -388,6 +413,101 @@ qcow2_refcount_set (struct qcow2_image *img, uint64_t cluster, uint64_t value)
   qcow2_cache_put (w->refblock_cache, slice);
   if (value == 0 && cluster < w->free_hint)
     w->free_hint = cluster;
+  if (value == 0)
+    qcow2_compressed_cluster_freed (img, cluster);
+  return 0;
+}
+
+/* Refcount ranges without a block among clusters [first, first + n). */
+static uint64_t
+missing_blocks (const struct qcow2_writer *w, uint64_t first, uint64_t n)
+{
+  uint64_t count = 0;
+
+  for (uint64_t index = first / w->refblock_entries;
+       index <= (first + n - 1) / w->refblock_entries; index++)
+    if (index >= w->reftable_entries || w->reftable[index] == 0)
+      count++;
+  return count;
+}
+
+/* n clusters past everything in use, preceded by the refcount blocks that
+ * the new ranges need: [start, start + k) blocks, then the n clusters.
+ * Returns the first of the n.
+ */
+static int
+alloc_past_end (struct qcow2_image *img, uint64_t n, uint64_t *first_out)
+{
+  struct qcow2_writer *w = img->w;
+  const uint64_t E = w->refblock_entries;
+  uint64_t start, k, last_index;
+  unsigned char entry[8];
+  int r;
+
+  for (;;) {
+    start = div_round_up (img->file_size, img->cluster_size);
+    k = 0;
+    while (missing_blocks (w, start, k + n) != k)
+      k = missing_blocks (w, start, k + n);
+    last_index = (start + k + n - 1) / E;
+    if (last_index < w->reftable_entries)
+      break;
+    r = grow_reftable (img, last_index + 1);   /* moves the end: again */
+    if (r < 0)
+      return r;
+  }
+  if (start + k + n > (QCOW2_L2E_OFFSET_MASK >> img->cluster_bits)) {
+    qcow2_error ("%s: no space left for new clusters", img->filename);
+    return -ENOSPC;
+  }
+
+  /* Give each blockless range one of the k clusters, in memory first so
+   * the refcounts below land in the new blocks.
+   */
+  uint64_t next = start;
+  for (uint64_t index = start / E; index <= last_index; index++) {
+    if (w->reftable[index] != 0)
+      continue;
+    uint64_t offset = next++ << img->cluster_bits;
+    for (uint64_t o = 0; o < img->cluster_size; o += img->slice_size) {
+      struct qcow2_slice *slice;
+      r = qcow2_cache_get_new (w->refblock_cache, offset + o, &slice);
+      if (r < 0)
+        return r;
+      qcow2_cache_put (w->refblock_cache, slice);
+    }
+    w->reftable[index] = offset;
+    r = qcow2_overlap_add (img, offset, img->cluster_size,
+                           QCOW2_META_REFBLOCK);
+    if (r < 0)
+      return r;
+  }
+  for (uint64_t c = start; c < start + k + n; c++) {
+    r = qcow2_refcount_update (img, c, 1);
+    if (r < 0)
+      return r;
+  }
+  grow_file_size (img, (start + k + n) << img->cluster_bits);
+
+  /* Blocks durable before the table entries that point at them. */
+  r = qcow2_cache_writeback (w->refblock_cache);
+  if (r == 0)
+    r = qcow2_io_flush (img->io);
+  for (uint64_t index = start / E; r == 0 && index <= last_index; index++) {
+    uint64_t off = w->reftable[index];
+    if (off >> img->cluster_bits < start ||
+        off >> img->cluster_bits >= start + k)
+      continue;
+    put_be64 (entry, off);
+    r = qcow2_io_pwrite (img->io, entry, 8, w->reftable_offset + index * 8);
+  }
+  if (r == 0)
+    r = qcow2_io_flush (img->io);
+  if (r < 0) {
+    qcow2_error ("could not write new refcount blocks: %s", strerror (-r));
+    return r;
+  }
+  *first_out = start + k;
   return 0;
 }
 
@@ -398,6 +518,16 @@ qcow2_alloc_clusters (struct qcow2_image *img, uint64_t n,
   struct qcow2_writer *w = img->w;
   uint64_t i, run_start, run_len;
   int r;
+
+  if (n >= w->refblock_entries) {
+    /* No run this long exists where blocks start every range. */
+    r = alloc_past_end (img, n, &run_start);
+    if (r < 0)
+      return r;
+    *offset_out = run_start << img->cluster_bits;
+    return qcow2_overlap_check (img, *offset_out, n << img->cluster_bits,
+                                QCOW2_META_NONE) < 0 ? -EIO : 0;
+  }
 
  retry:
   i = run_start = w->free_hint;
