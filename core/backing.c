@@ -109,7 +109,7 @@ qcow2_backing_open (struct qcow2_image *img,
 
   img->backing_kind = BACKING_NONE;
   img->backing_size = 0;
-  if (!img->h.backing_file)
+  if (!img->h.backing_file || opts->ignore_backing)
     return 0;
 
   if (!opts->follow_backing) {

@@ -31,6 +31,11 @@ struct qcow2_open_options {
   /* Take QEMU-compatible image locks (see lock.h). */
   bool lock;
 
+  /* Do not open the backing file at all: unallocated clusters read as
+   * zeros.  For tools that only rewrite metadata (image creation).
+   */
+  bool ignore_backing;
+
   /* Passphrase for encrypted images (legacy AES or LUKS); NULL if none. */
   const char *passphrase;
 
@@ -148,6 +153,39 @@ typedef int (*qcow2_extent_fn) (void *opaque, uint64_t offset,
 int qcow2_extents (struct qcow2_image *image, uint64_t offset, uint64_t len,
                    bool one_extent, qcow2_extent_fn fn, void *opaque);
 
+/* Creating images (qemu-img create -f qcow2 -o ...). */
+struct qcow2_create_options {
+  const char *filename;
+  uint64_t size;             /* 0 with a backing file: the backing's size */
+  unsigned version;          /* 2 (compat=0.10) or 3 (compat=1.1) */
+  uint32_t cluster_size;
+  unsigned refcount_bits;
+  bool lazy_refcounts;
+  bool extended_l2;
+  uint8_t compression_type;  /* 0 deflate, 1 zstd */
+  const char *backing_file;  /* stored as given; resolved like QEMU */
+  const char *backing_format;
+  const char *data_file;
+  bool data_file_raw;
+  bool preallocate_metadata;
+  bool overwrite;            /* replace existing files */
+  bool encrypt;              /* LUKS, with passphrase */
+  const char *passphrase;
+  /* LUKS parameters; NULL / 0 for QEMU's defaults (aes-256, xts,
+   * plain64, sha256, 2000 ms).
+   */
+  const char *encrypt_cipher_alg, *encrypt_cipher_mode;
+  const char *encrypt_ivgen_alg, *encrypt_ivgen_hash_alg;
+  const char *encrypt_hash_alg;
+  unsigned encrypt_iter_time_ms;
+};
+
+void qcow2_create_options_init (struct qcow2_create_options *opts);
+int qcow2_create (const struct qcow2_create_options *opts);
+
+/* Grow the virtual disk (image writable; no requests in flight). */
+int qcow2_resize (struct qcow2_image *image, uint64_t new_size);
+
 /* Internal snapshots. */
 struct qcow2_snapshot_info {
   const char *id;
@@ -187,5 +225,18 @@ void qcow2_set_error_handler (qcow2_error_fn fn, void *opaque);
 /* Compiled-in features, for --dump-plugin. */
 bool qcow2_have_zstd (void);
 bool qcow2_have_crypto (void);
+
+/* Compression on write (like qemu-img convert -c).  Write one whole guest
+ * cluster at guest_cluster_offset (cluster-aligned, inside the disk) as a
+ * compressed cluster in the image's compression type.  buf holds the
+ * cluster's bytes inside the disk: a whole cluster, or fewer for the last
+ * cluster of a disk whose size is not a multiple of the cluster size (the
+ * rest is compressed as zeros).  Data that does not shrink is written as
+ * a normal cluster, and so is everything in an image with an external
+ * data file or encryption, where QEMU allows no compressed clusters.  Not
+ * durable until qcow2_flush.
+ */
+int qcow2_write_compressed (struct qcow2_image *image, const void *buf,
+                            uint64_t guest_cluster_offset);
 
 #endif /* QCOW2_H */

@@ -1,0 +1,159 @@
+/* Growing the virtual disk.
+ *
+ * A larger disk needs a larger L1 table.  QEMU's order
+ * (qcow2_grow_l1_table): write the new table (a copy of the old entries,
+ * then zeros) into fresh clusters and sync; switch the header's size,
+ * l1_size and l1_table_offset in one write and sync; only then release the
+ * old table.  A crash at any point leaves either the old or the new
+ * geometry, at worst with a leaked table.
+ *
+ * Resizing happens before the image serves requests (plugin startup,
+ * image creation), so swapping the in-memory L1 needs no reader protocol.
+ * Shrinking is refused: it would discard guest data.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cache.h"
+#include "internal.h"
+#include "io.h"
+#include "util.h"
+
+static int
+grow_l1 (struct qcow2_image *img, uint64_t new_size, uint32_t new_l1_size)
+{
+  struct qcow2_writer *w = img->w;
+  uint64_t bytes = (uint64_t) new_l1_size * 8;
+  uint64_t old_offset = img->h.l1_table_offset;
+  uint64_t old_bytes = (uint64_t) img->l1_size * 8;
+  uint64_t new_offset, clusters;
+  unsigned char *table, hdr[24];
+  uint64_t *l1;
+  int r;
+
+  clusters = div_round_up (bytes, img->cluster_size);
+  table = calloc (clusters, img->cluster_size);
+  l1 = malloc (bytes ? bytes : 1);
+  if (!table || !l1) {
+    r = -ENOMEM;
+    goto out;
+  }
+  for (uint32_t i = 0; i < img->l1_size; i++)
+    put_be64 (table + i * 8, img->l1[i]);
+
+  r = qcow2_alloc_clusters (img, clusters, &new_offset);
+  if (r < 0)
+    goto out;
+  r = qcow2_cache_writeback (w->refblock_cache);
+  if (r == 0)
+    r = qcow2_io_flush (img->io);
+  if (r == 0)
+    r = qcow2_io_pwrite (img->io, table, clusters << img->cluster_bits,
+                         new_offset);
+  if (r == 0)
+    r = qcow2_io_flush (img->io);
+  if (r < 0)
+    goto io_fail;
+
+  /* size (24), crypt_method (32), l1_size (36), l1_table_offset (40) */
+  put_be64 (hdr, new_size);
+  put_be32 (hdr + 8, img->h.crypt_method);
+  put_be32 (hdr + 12, new_l1_size);
+  put_be64 (hdr + 16, new_offset);
+  r = qcow2_io_pwrite (img->io, hdr, sizeof hdr, 24);
+  if (r == 0)
+    r = qcow2_io_flush (img->io);
+  if (r < 0)
+    goto io_fail;
+
+  memcpy (l1, img->l1, old_bytes);
+  memset ((char *) l1 + old_bytes, 0, bytes - old_bytes);
+  free (img->l1);
+  img->l1 = l1;
+  l1 = NULL;
+  img->l1_size = new_l1_size;
+  img->h.l1_size = new_l1_size;
+  img->h.l1_table_offset = new_offset;
+  img->h.size = new_size;
+
+  r = qcow2_overlap_add (img, new_offset, bytes, QCOW2_META_L1);
+  if (r == 0 && old_bytes > 0) {
+    for (uint64_t o = 0; o < old_bytes; o += img->cluster_size)
+      qcow2_overlap_remove (img, old_offset + o);
+    r = qcow2_free_later (img, old_offset,
+                          div_round_up (old_bytes, img->cluster_size)
+                          << img->cluster_bits);
+  }
+  if (r == 0)
+    r = qcow2_sync_metadata (img);
+  goto out;
+
+ io_fail:
+  qcow2_error ("%s: could not grow the L1 table: %s", img->filename,
+               strerror (-r));
+ out:
+  free (table);
+  free (l1);
+  return r;
+}
+
+int
+qcow2_resize (struct qcow2_image *img, uint64_t new_size)
+{
+  unsigned l2_shift = img->cluster_bits +
+                      (unsigned) __builtin_ctzll (img->l2_entries);
+  uint64_t needed;
+  unsigned char hdr[8];
+  int r;
+
+  if (!img->w || !qcow2_is_writable (img)) {
+    qcow2_error ("%s: resizing needs the image open read-write",
+                 img->filename);
+    return -EROFS;
+  }
+  if (new_size < img->h.size) {
+    qcow2_error ("%s: shrinking the disk from %" PRIu64 " to %" PRIu64
+                 " bytes is not supported (it would discard data)",
+                 img->filename, img->h.size, new_size);
+    return -ENOTSUP;
+  }
+  if (new_size > INT64_MAX) {
+    qcow2_error ("%s: size %" PRIu64 " too large", img->filename, new_size);
+    return -EFBIG;
+  }
+  if (new_size == img->h.size)
+    return 0;
+  if (img->nb_snapshots > 0 && img->h.version < 3) {
+    /* v2 snapshots have no disk size of their own. */
+    qcow2_error ("%s: cannot resize a version 2 image with snapshots",
+                 img->filename);
+    return -ENOTSUP;
+  }
+
+  needed = div_round_up (new_size, 1ull << l2_shift);
+  if (needed * 8 > QCOW2_MAX_L1_BYTES) {
+    qcow2_error ("%s: size %" PRIu64 " needs an L1 table larger than %u "
+                 "bytes", img->filename, new_size, QCOW2_MAX_L1_BYTES);
+    return -EFBIG;
+  }
+
+  pthread_mutex_lock (&img->w->lock);
+  if (needed > img->l1_size)
+    r = grow_l1 (img, new_size, (uint32_t) needed);
+  else {
+    /* The table already covers it: only the size changes. */
+    put_be64 (hdr, new_size);
+    r = qcow2_io_pwrite (img->io, hdr, sizeof hdr, 24);
+    if (r == 0)
+      r = qcow2_io_flush (img->io);
+    if (r == 0)
+      img->h.size = new_size;
+    else
+      qcow2_error ("%s: could not update the header: %s", img->filename,
+                   strerror (-r));
+  }
+  pthread_mutex_unlock (&img->w->lock);
+  return r;
+}
