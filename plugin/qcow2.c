@@ -28,6 +28,7 @@
 #include <time.h>
 
 #include "config.h"
+#include "create.h"
 #include "qcow2.h"
 
 #define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
@@ -76,12 +77,16 @@ qcow2_plugin_config (const char *key, const char *value)
 {
   if (strcmp (key, "file") == 0) {
     free (filename);
-    filename = nbdkit_realpath (value);
+    /* Absolute, not real: with create=true it need not exist yet. */
+    filename = nbdkit_absolute_path (value);
     return filename ? 0 : -1;
   }
   if (strcmp (key, "data-file") == 0) {
+    /* Resolved in .config_complete: with create=true it is the name to
+     * record in the new image, as given.
+     */
     free (data_file);
-    data_file = nbdkit_realpath (value);
+    data_file = strdup (value);
     return data_file ? 0 : -1;
   }
   if (strcmp (key, "passphrase") == 0) {
@@ -130,8 +135,10 @@ qcow2_plugin_config (const char *key, const char *value)
     cache_size = nbdkit_parse_size (value);
     return cache_size == -1 ? -1 : 0;
   }
-  nbdkit_error ("unknown parameter '%s'", key);
-  return -1;
+  int r = create_config (key, value);
+  if (r == 1)
+    nbdkit_error ("unknown parameter '%s'", key);
+  return r == 0 ? 0 : -1;
 }
 
 static int
@@ -141,6 +148,15 @@ qcow2_plugin_config_complete (void)
     nbdkit_error ("you must supply the file=<FILENAME> parameter "
                   "after the plugin name on the command line");
     return -1;
+  }
+  if (create_config_complete (filename) == -1)
+    return -1;
+  if (data_file && !create_requested ()) {
+    char *real = nbdkit_realpath (data_file);
+    if (!real)
+      return -1;
+    free (data_file);
+    data_file = real;
   }
   return 0;
 }
@@ -157,7 +173,8 @@ qcow2_plugin_config_complete (void)
   "                       the whole disk, at most 32M).\n" \
   "locking=false          Do not take QEMU-compatible image locks.\n" \
   "check=report|repair    Check refcounts and COPIED flags before serving,\n" \
-  "                       and with repair fix them (opens read-write)."
+  "                       and with repair fix them (opens read-write).\n" \
+  CREATE_CONFIG_HELP
 
 /* check=: report on stderr as qemu-img check would summarise; with
  * repair, refuse to serve an image whose corruptions remain.
@@ -195,10 +212,13 @@ qcow2_plugin_get_ready (void)
   opts.follow_backing = follow_backing;
   opts.max_chain_depth = max_chain_depth;
   opts.cache_size = (uint64_t) cache_size;
-  opts.data_file = data_file;
+  if (create_image (filename, passphrase, data_file) == -1)
+    return -1;
+  /* A created image records its data file itself. */
+  opts.data_file = create_requested () ? NULL : data_file;
   opts.lock = locking;
   opts.writable = check_mode == CHECK_REPAIR;
-  if (qcow2_open (&opts, &image) < 0)
+  if (qcow2_open (&opts, &image) < 0 || create_resize (image) == -1)
     return -1;
   return check_mode == CHECK_NONE ? 0 : run_check ();
 }
@@ -218,7 +238,15 @@ qcow2_plugin_dump_plugin (void)
  */
 struct handle {
   struct qcow2_view *view;
+  bool compressed;      /* COMPRESSED_EXPORT: whole clusters compressed */
 };
+
+/* The reserved export name that nbdkit-qcow2-compress-filter opens: the
+ * active image, with whole clusters written compressed (nbdkit has no
+ * "write compressed" flag, so the filter asks for it by name).  A
+ * snapshot of that name is still reachable by its id.
+ */
+#define COMPRESSED_EXPORT "qcow2:compressed"
 
 static void *
 qcow2_plugin_open (int readonly)
@@ -231,7 +259,10 @@ qcow2_plugin_open (int readonly)
     nbdkit_error ("calloc: %m");
     return NULL;
   }
-  if (export && *export && qcow2_view_open (image, export, &h->view) < 0) {
+  if (export && strcmp (export, COMPRESSED_EXPORT) == 0)
+    h->compressed = true;
+  else if (export && *export &&
+           qcow2_view_open (image, export, &h->view) < 0) {
     free (h);
     return NULL;
   }
@@ -269,7 +300,12 @@ qcow2_plugin_list_exports (int readonly, int is_tls,
               gmtime_r (&t, &tm));
     snprintf (desc, sizeof desc, "snapshot id %s, %s UTC, %" PRIu64
               " bytes, read-only", sn.id, date, sn.disk_size);
-    if (nbdkit_add_export (exports, *sn.name ? sn.name : sn.id, desc) == -1)
+    /* The reserved name means the compressing export: list such a
+     * snapshot by id.
+     */
+    if (nbdkit_add_export (exports,
+                           *sn.name && strcmp (sn.name, COMPRESSED_EXPORT)
+                           ? sn.name : sn.id, desc) == -1)
       return -1;
   }
   return 0;
@@ -279,7 +315,9 @@ static const char *
 qcow2_plugin_export_description (void *handle)
 {
   struct handle *h = handle;
-  return h->view ? "internal snapshot (read-only)" : "active image";
+  return h->view ? "internal snapshot (read-only)"
+         : h->compressed ? "active image, compressing whole-cluster writes"
+         : "active image";
 }
 
 /* Before the first change to the image. */
@@ -383,14 +421,52 @@ qcow2_plugin_pread (void *handle, void *buf, uint32_t count, uint64_t offset,
                          : qcow2_read (image, buf, count, offset));
 }
 
+/* COMPRESSED_EXPORT: each whole cluster of the request (the last cluster
+ * of the disk counts as whole up to the end of the disk) is written
+ * compressed; the unaligned head and tail are written normally.
+ */
+static int
+write_compressed (const unsigned char *buf, uint32_t count, uint64_t offset,
+                  bool fua)
+{
+  const uint64_t cs = qcow2_get_cluster_size (image);
+  const uint64_t size = qcow2_get_size (image);
+  int r = 0;
+
+  if (offset > size || count > size - offset)
+    return qcow2_write (image, buf, count, offset, fua);  /* reports it */
+  while (r == 0 && count > 0) {
+    uint64_t start = offset & ~(cs - 1);
+    uint64_t end = start + cs < size ? start + cs : size;
+    uint32_t n;
+
+    if (offset == start && offset + count >= end) {
+      n = (uint32_t) (end - start);
+      r = qcow2_write_compressed (image, buf, start);
+    }
+    else {
+      n = (uint32_t) (end - offset < count ? end - offset : count);
+      r = qcow2_write (image, buf, n, offset, false);
+    }
+    buf += n;
+    offset += n;
+    count -= n;
+  }
+  if (r == 0 && fua)
+    r = qcow2_flush (image);
+  return r;
+}
+
 static int
 qcow2_plugin_pwrite (void *handle, const void *buf, uint32_t count,
                      uint64_t offset, uint32_t flags)
 {
+  struct handle *h = handle;
   int r = ensure_writable ();
 
-  (void) handle;
-  if (r == 0)
+  if (r == 0 && h->compressed)
+    r = write_compressed (buf, count, offset, flags & NBDKIT_FLAG_FUA);
+  else if (r == 0)
     r = qcow2_write (image, buf, count, offset, flags & NBDKIT_FLAG_FUA);
   return report (r);
 }
