@@ -390,6 +390,8 @@ qcow2_create (const struct qcow2_create_options *opts)
     if (r < 0)
       return r;
   }
+  /* As qemu-img create: QEMU sees disks in whole 512-byte sectors. */
+  o.size = (o.size + 511) & ~511ull;
   r = validate (&o);
   if (r < 0)
     return r;

@@ -119,6 +119,11 @@ qcow2_resize (struct qcow2_image *img, uint64_t new_size)
                  img->filename, img->h.size, new_size);
     return -ENOTSUP;
   }
+  if (new_size % 512) {
+    qcow2_error ("%s: The new size must be a multiple of 512",
+                 img->filename);
+    return -EINVAL;
+  }
   if (new_size > INT64_MAX) {
     qcow2_error ("%s: size %" PRIu64 " too large", img->filename, new_size);
     return -EFBIG;
