@@ -229,8 +229,9 @@ publish_locked (struct qcow2_image *img, uint64_t guest, uint64_t entry,
   qcow2_entry_classify (img, qcow2_l2_load (p),
                   img->extended_l2 ? qcow2_l2_load (p + 8) : 0, &old);
   if (img->extended_l2)
-    qcow2_l2_store (p + 8, bitmap);
-  qcow2_l2_store (p, entry);
+    qcow2_l2_store_pair (img, p, entry, bitmap);
+  else
+    qcow2_l2_store (p, entry);
   qcow2_cache_mark_dirty (img->l2_cache, slice);
   qcow2_cache_put (img->l2_cache, slice);
   if (release_old)

@@ -156,9 +156,7 @@ open_crypt (struct qcow2_image *img, const char *passphrase)
   else
     r = qcow2_crypt_open_luks (img->io, img->h.crypto_offset,
                                img->h.crypto_length, passphrase, &img->crypt);
-  if (r < 0)
-    qcow2_error ("%s: could not unlock the encrypted image", img->filename);
-  return r;
+  return r;   /* crypt.c said why, in one line */
 }
 
 /* The data file named by the image is a file the image makes us open, like

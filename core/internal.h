@@ -16,6 +16,7 @@
 
 #include <endian.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -141,6 +142,9 @@ struct qcow2_writer {
   size_t nr_pending, cap_pending;
   struct qcow2_rangelock *ranges; /* per guest cluster: see rangelock.h */
   struct qcow2_overlap *overlap;  /* metadata clusters: see overlap.c */
+  uint64_t compressed_free;       /* next free byte for compressed data in
+                                   * a partly used host cluster; 0: none
+                                   * (see compress.c) */
 };
 
 /* An open image.  Geometry and tables are set at open; the mutable parts
@@ -177,6 +181,8 @@ struct qcow2_image {
   struct qcow2_cache *l2_cache;
   uint32_t slice_size;
   uint32_t slice_entries;
+  unsigned l2_seq;              /* odd while an extended L2 entry and its
+                                 * bitmap change: see qcow2_l2_load_pair */
 
   struct qcow2_crypt *crypt;    /* NULL unless encrypted */
 
@@ -372,6 +378,45 @@ qcow2_l2_store (unsigned char *p, uint64_t v)
   __atomic_store_n ((uint64_t *) p, htobe64 (v), __ATOMIC_RELEASE);
 }
 
+/* An extended L2 entry is two words, which a lock-free reader could
+ * otherwise see half updated: the old entry with the new bitmap (e.g. an
+ * unallocated entry with allocated subclusters, which reads as
+ * corruption).  Writers, serialised by the writer lock, make img->l2_seq
+ * odd around the two stores; readers retry until the count was even and
+ * unchanged across their two loads (a sequence lock).
+ */
+static inline void
+qcow2_l2_store_pair (struct qcow2_image *img, unsigned char *p,
+                     uint64_t entry, uint64_t bitmap)
+{
+  unsigned seq = __atomic_load_n (&img->l2_seq, __ATOMIC_RELAXED);
+
+  __atomic_store_n (&img->l2_seq, seq + 1, __ATOMIC_RELAXED);
+  /* Release stores: a reader that sees either new word also sees the
+   * odd count.
+   */
+  qcow2_l2_store (p + 8, bitmap);
+  qcow2_l2_store (p, entry);
+  __atomic_store_n (&img->l2_seq, seq + 2, __ATOMIC_RELEASE);
+}
+
+static inline void
+qcow2_l2_load_pair (const struct qcow2_image *img, const unsigned char *p,
+                    uint64_t *entry, uint64_t *bitmap)
+{
+  for (unsigned spins = 0;; spins++) {
+    unsigned seq = __atomic_load_n (&img->l2_seq, __ATOMIC_ACQUIRE);
+    if (!(seq & 1)) {
+      *entry = qcow2_l2_load (p);
+      *bitmap = qcow2_l2_load (p + 8);
+      if (__atomic_load_n (&img->l2_seq, __ATOMIC_ACQUIRE) == seq)
+        return;
+    }
+    if (spins >= 64)
+      sched_yield ();   /* the writer was preempted between its stores */
+  }
+}
+
 /* Atomic view of the mutable sizes and table entries. */
 static inline uint64_t
 qcow2_file_size (const struct qcow2_image *img)
@@ -383,6 +428,31 @@ static inline uint64_t
 qcow2_l1_entry (const uint64_t *l1, uint64_t index)
 {
   return __atomic_load_n (&l1[index], __ATOMIC_ACQUIRE);
+}
+
+/* Compression on write (codec.c, compress.c). */
+
+/* codec.c: compress in_len bytes into out, as QEMU writes compressed
+ * clusters (raw deflate, window bits -12, default level; zstd at its
+ * default level).  Sets *out_len.  -ENOSPC: the result would not fit in
+ * out_cap bytes (store the data uncompressed); -ENOTSUP: compression type
+ * unknown or not compiled in.  Uses per-thread contexts.
+ */
+int qcow2_compress (uint8_t compression_type, const void *in, size_t in_len,
+                    void *out, size_t out_cap, size_t *out_len);
+
+/* compress.c: under the writer lock, the host cluster holding
+ * compressed_free lost its last reference: forget it, as the cluster may
+ * now be handed out whole.
+ */
+static inline void
+qcow2_compressed_cluster_freed (struct qcow2_image *img, uint64_t cluster)
+{
+  struct qcow2_writer *w = img->w;
+
+  if (w->compressed_free != 0 &&
+      w->compressed_free >> img->cluster_bits == cluster)
+    w->compressed_free = 0;
 }
 
 #endif /* QCOW2_INTERNAL_H */

@@ -162,8 +162,11 @@ qcow2_map (struct qcow2_image *img, const uint64_t *l1, uint32_t l1_size,
     uint64_t guest_cluster = pos & ~(img->cluster_size - 1);
     uint64_t idx = ((pos >> cbits) & (img->l2_entries - 1)) - slice_first;
     const unsigned char *p = slice->data + idx * img->l2_entry_bytes;
-    uint64_t entry = qcow2_l2_load (p);
-    uint64_t bitmap = img->extended_l2 ? qcow2_l2_load (p + 8) : 0;
+    uint64_t entry, bitmap = 0;
+    if (img->extended_l2)
+      qcow2_l2_load_pair (img, p, &entry, &bitmap);
+    else
+      entry = qcow2_l2_load (p);
     uint64_t unit = img->extended_l2 ? img->subcluster_size
                                      : img->cluster_size;
     unsigned sc = (unsigned) ((pos - guest_cluster) >> img->subcluster_bits);

@@ -241,10 +241,21 @@ qcow2_overlap_init (struct qcow2_image *img)
   if (r == 0 && img->nb_snapshots)
     r = qcow2_overlap_add (img, img->h.snapshots_offset,
                            img->snapshot_table_bytes, QCOW2_META_SNAPSHOTS);
-  for (uint32_t i = 0; r == 0 && i < img->nb_snapshots; i++)
-    r = qcow2_overlap_add (img, img->snapshots[i].l1_table_offset,
-                           (uint64_t) img->snapshots[i].l1_size * 8,
-                           QCOW2_META_SNAPSHOT_L1);
+  /* Snapshot L1 tables are validated only when used, so here they may be
+   * anything: one of l1_size 0xffffffff would be 32 GiB of clusters to
+   * enter one by one (a hang, then out of memory), and an offset near
+   * 2^64 wraps the cluster loop.  Only tables a snapshot could really use
+   * (the checks of check.c) are metadata worth protecting.
+   */
+  for (uint32_t i = 0; r == 0 && i < img->nb_snapshots; i++) {
+    const struct qcow2_snapshot *sn = &img->snapshots[i];
+    uint64_t bytes = (uint64_t) sn->l1_size * 8;
+    if (is_aligned (sn->l1_table_offset, cs) &&
+        bytes <= QCOW2_MAX_L1_BYTES &&
+        !range_exceeds (sn->l1_table_offset, bytes, qcow2_file_size (img)))
+      r = qcow2_overlap_add (img, sn->l1_table_offset, bytes,
+                             QCOW2_META_SNAPSHOT_L1);
+  }
   if (r == 0 && img->h.has_crypto_ext)
     r = qcow2_overlap_add (img, img->h.crypto_offset, img->h.crypto_length,
                            QCOW2_META_CRYPTO);

@@ -123,6 +123,20 @@ read_compressed (struct qcow2_image *img, unsigned char *buf, uint64_t len,
   if (!in || !out)
     return -ENOMEM;
   r = qcow2_io_pread (img->io, in, csize, coffset);
+  if (r == -EIO) {
+    /* The last sector of the file's last compressed cluster may stop
+     * short of the end of the file, which file_size (counting whole host
+     * clusters once allocated) does not show: QEMU, and compress.c, write
+     * only the compressed bytes.  Read what there is and zero the rest,
+     * as QEMU's file driver does at the end of the file.
+     */
+    uint64_t real;
+    if (qcow2_io_get_size (img->io, &real) == 0 &&
+        real > coffset && real - coffset < csize) {
+      memset (in + (real - coffset), 0, csize - (real - coffset));
+      r = qcow2_io_pread (img->io, in, real - coffset, coffset);
+    }
+  }
   if (r < 0) {
     qcow2_error ("read of compressed cluster at %#" PRIx64 " failed: %s",
                  coffset, strerror (-r));

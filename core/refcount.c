@@ -318,8 +318,11 @@ grow_reftable (struct qcow2_image *img, uint64_t need)
                            QCOW2_META_REFTABLE);
 
   /* The header no longer points at the old table: free it now. */
-  for (uint64_t k = 0; k < old_clusters && r == 0; k++)
+  for (uint64_t k = 0; k < old_clusters && r == 0; k++) {
+    /* No longer metadata: the allocator may hand it out again. */
+    qcow2_overlap_remove (img, old_offset + (k << img->cluster_bits));
     r = qcow2_refcount_update (img, (old_offset >> img->cluster_bits) + k, -1);
+  }
   goto out;
 
  io_fail:

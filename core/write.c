@@ -46,14 +46,35 @@ write_host (struct qcow2_image *img, const unsigned char *buf, uint64_t len,
   if (!img->external_data &&
       (r = qcow2_overlap_check (img, host, len, QCOW2_META_NONE)) < 0)
     return r;
+  /* Nor past the end of the file: clusters we allocate are inside it
+   * (the allocator grows file_size first), so an entry pointing beyond is
+   * corrupt, as the read path says.  Writing there would let a hostile
+   * image make us extend the file to any offset below 2^56.  A cluster
+   * may end past the end of the file, though: with extended L2, QEMU and
+   * we write only the touched subclusters of a new cluster, so the last
+   * cluster of a file reopened later is often partly beyond it.  Every
+   * cluster written must start inside the file.
+   */
+  if (!img->external_data &&
+      align_down (host + len - 1, img->cluster_size) >=
+      qcow2_file_size (img)) {
+    qcow2_error ("data cluster at host offset %#" PRIx64
+                 " lies past the end of the file", host);
+    return -EIO;
+  }
 
   if (!img->crypt) {
     r = qcow2_io_pwrite (img->data_io, buf, len, host);
-    if (r == 0 && img->external_data) {
+    if (r == 0) {
+      /* The file may have grown (see above): let the read path, which
+       * refuses data past the known end, see the bytes just written.
+       */
+      uint64_t *size = img->external_data ? &img->data_file_size
+                                          : &img->file_size;
       uint64_t end = host + len;
-      uint64_t old = __atomic_load_n (&img->data_file_size, __ATOMIC_ACQUIRE);
+      uint64_t old = __atomic_load_n (size, __ATOMIC_ACQUIRE);
       while (end > old &&
-             !__atomic_compare_exchange_n (&img->data_file_size, &old, end,
+             !__atomic_compare_exchange_n (size, &old, end,
                                            false, __ATOMIC_RELEASE,
                                            __ATOMIC_ACQUIRE))
         ;
