@@ -328,6 +328,7 @@ qcow2_write (struct qcow2_image *img, const void *buf, uint64_t len,
 {
   struct qcow2_writer *w = img->w;
   uint64_t first, count, done;
+  bool in_place_excl;
   int r;
 
   if (!w) {
@@ -349,7 +350,15 @@ qcow2_write (struct qcow2_image *img, const void *buf, uint64_t len,
 
   first = offset >> img->cluster_bits;
   count = ((offset + len - 1) >> img->cluster_bits) - first + 1;
-  qcow2_rangelock_lock (w->ranges, first, count, false);
+  /* Encrypted data is written in whole sectors: a partial sector is read,
+   * merged and rewritten (write_host), which must not race with another
+   * write into the same sector, so such requests hold their clusters
+   * exclusive even in place.
+   */
+  in_place_excl = img->crypt &&
+                  (!is_aligned (offset, QCOW2_CRYPT_SECTOR) ||
+                   !is_aligned (offset + len, QCOW2_CRYPT_SECTOR));
+  qcow2_rangelock_lock (w->ranges, first, count, in_place_excl);
   r = write_in_place (img, buf, len, offset, &done);
   qcow2_rangelock_unlock (w->ranges, first, count);
 
@@ -372,7 +381,12 @@ qcow2_flush (struct qcow2_image *img)
 {
   int r;
 
-  if (!img->w)
+  /* Not img->w: writing may be enabled by another thread right now (the
+   * plugin does it at the first write), and img->w is set before the
+   * writer is complete.  `writable` is published last: until it is set
+   * nothing was written, so there is nothing to flush.
+   */
+  if (!qcow2_is_writable (img))
     return 0;
   pthread_mutex_lock (&img->w->lock);
   r = qcow2_sync_metadata (img);
