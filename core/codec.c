@@ -1,9 +1,10 @@
-/* Decompression of compressed clusters (deflate, zstd) and per-thread
- * scratch buffers.
+/* Compression and decompression of compressed clusters (deflate, zstd)
+ * and per-thread scratch buffers.
  *
- * Each thread keeps its own inflate stream, zstd context and scratch
- * buffers, created on first use and released when the thread exits, so
- * the read path allocates nothing per request and threads never contend.
+ * Each thread keeps its own inflate and deflate streams, zstd contexts and
+ * scratch buffers, created on first use and released when the thread
+ * exits, so neither path allocates per request and threads never contend:
+ * compressed writes on different threads compress in parallel.
  *
  * Format rules (qcow2.rst, QEMU block/qcow2-threads.c): deflate data is raw
  * (no zlib header) with a 4 KiB window; the stored length is only an upper
@@ -18,6 +19,7 @@
 #include "config.h"
 #if HAVE_ZSTD
 #include <zstd.h>
+#include <zstd_errors.h>
 #endif
 
 #include "internal.h"
@@ -26,8 +28,11 @@
 struct thread_codec {
   bool inflate_ready;
   z_stream inflate;
+  bool deflate_ready;
+  z_stream deflate;
 #if HAVE_ZSTD
   ZSTD_DCtx *zstd;
+  ZSTD_CCtx *zstd_c;
 #endif
   void *scratch[SCRATCH_COUNT];
   size_t scratch_len[SCRATCH_COUNT];
@@ -43,8 +48,11 @@ thread_codec_free (void *p)
 
   if (t->inflate_ready)
     inflateEnd (&t->inflate);
+  if (t->deflate_ready)
+    deflateEnd (&t->deflate);
 #if HAVE_ZSTD
   ZSTD_freeDCtx (t->zstd);
+  ZSTD_freeCCtx (t->zstd_c);
 #endif
   for (int i = 0; i < SCRATCH_COUNT; i++)
     free (t->scratch[i]);
@@ -167,6 +175,98 @@ qcow2_decompress (uint8_t compression_type, const void *in, size_t in_len,
 #if HAVE_ZSTD
   case QCOW2_COMPRESSION_ZSTD:
     return zstd_cluster (t, in, in_len, out, out_len);
+#endif
+  default:
+    return -ENOTSUP;
+  }
+}
+
+/* Compression, as QEMU's block/qcow2-threads.c writes compressed
+ * clusters, so that what we write is what QEMU would: raw deflate (no
+ * zlib header) with window bits -12, Z_DEFAULT_COMPRESSION and memLevel 9
+ * (qcow2_compress); zstd at its default level, one ZSTD_compressStream2
+ * call with ZSTD_e_end (qcow2_zstd_compress).  Both stop with -ENOSPC as
+ * soon as the output would exceed out_cap, which is how a caller learns
+ * that the cluster does not shrink.
+ */
+static int
+deflate_cluster (struct thread_codec *t, const void *in, size_t in_len,
+                 void *out, size_t out_cap, size_t *out_len)
+{
+  z_stream *z = &t->deflate;
+  int zr;
+
+  if (!t->deflate_ready) {
+    memset (z, 0, sizeof *z);
+    if (deflateInit2 (z, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9,
+                      Z_DEFAULT_STRATEGY) != Z_OK)
+      return -ENOMEM;
+    t->deflate_ready = true;
+  }
+  else if (deflateReset (z) != Z_OK)
+    return -EIO;
+
+  z->next_in = (Bytef *) in;
+  z->avail_in = (uInt) in_len;
+  z->next_out = out;
+  z->avail_out = (uInt) out_cap;
+  zr = deflate (z, Z_FINISH);
+  if (zr == Z_STREAM_END) {
+    *out_len = out_cap - z->avail_out;
+    return 0;
+  }
+  /* Z_OK or Z_BUF_ERROR: the output is full before the end.  The stream
+   * is left mid-way; deflateReset at the next call starts afresh.
+   */
+  return zr == Z_OK || zr == Z_BUF_ERROR ? -ENOSPC : -EIO;
+}
+
+#if HAVE_ZSTD
+static int
+zstd_compress_cluster (struct thread_codec *t, const void *in, size_t in_len,
+                       void *out, size_t out_cap, size_t *out_len)
+{
+  ZSTD_inBuffer ib = { in, in_len, 0 };
+  ZSTD_outBuffer ob = { out, out_cap, 0 };
+  size_t zr;
+
+  if (!t->zstd_c) {
+    t->zstd_c = ZSTD_createCCtx ();
+    if (!t->zstd_c)
+      return -ENOMEM;
+  }
+  else
+    ZSTD_CCtx_reset (t->zstd_c, ZSTD_reset_session_only);
+
+  /* With ZSTD_e_end, one call either finishes the frame (returns 0) or
+   * stops because the output is full (returns the bytes still to flush):
+   * QEMU relies on this too, as the output cannot grow.
+   */
+  zr = ZSTD_compressStream2 (t->zstd_c, &ob, &ib, ZSTD_e_end);
+  if (ZSTD_isError (zr))
+    return ZSTD_getErrorCode (zr) == ZSTD_error_dstSize_tooSmall
+           ? -ENOSPC : -EIO;
+  if (zr != 0)
+    return -ENOSPC;
+  *out_len = ob.pos;
+  return 0;
+}
+#endif
+
+int
+qcow2_compress (uint8_t compression_type, const void *in, size_t in_len,
+                void *out, size_t out_cap, size_t *out_len)
+{
+  struct thread_codec *t = thread_codec ();
+
+  if (!t)
+    return -ENOMEM;
+  switch (compression_type) {
+  case QCOW2_COMPRESSION_DEFLATE:
+    return deflate_cluster (t, in, in_len, out, out_cap, out_len);
+#if HAVE_ZSTD
+  case QCOW2_COMPRESSION_ZSTD:
+    return zstd_compress_cluster (t, in, in_len, out, out_cap, out_len);
 #endif
   default:
     return -ENOTSUP;
