@@ -464,7 +464,7 @@ def secret_args(passphrase, sid="s0"):
             % (sid, passphrase.replace(",", ",,"))]
 
 
-def luks_create(path, size, passphrase, *opts, tries=6):
+def luks_create(path, size, passphrase, *opts, tries=40):
     """Create a LUKS-encrypted qcow2 image.  qemu-img's PBKDF2 benchmark
     fails now and then on small VMs ("Unable to get accurate CPU usage"):
     retry."""

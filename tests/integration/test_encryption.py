@@ -103,7 +103,7 @@ def test_luks_over_plain_backing(tmp_path):
     img = tmp_path / "top.qcow2"
     o = ["encrypt.format=luks", "encrypt.key-secret=s0",
          "encrypt.iter-time=10"]
-    for _ in range(6):
+    for _ in range(40):
         p = qemu_img("create", "-q", "-f", "qcow2", *secret_args(PASS),
                      "-o", ",".join(o), "-b", "base.raw", "-F", "raw",
                      str(img), check=False)
