@@ -98,6 +98,11 @@ struct qcow2_snapshot {
   bool has_disk_size;
   uint64_t disk_size;
   uint64_t icount;
+  /* Extra data past the fields we know (24 bytes), kept so that a
+   * rewritten table preserves it, as QEMU does.
+   */
+  unsigned char *extra_unknown;
+  uint32_t extra_unknown_len;
 };
 
 int qcow2_snapshots_read (struct qcow2_io *io, uint64_t file_size,
@@ -105,6 +110,25 @@ int qcow2_snapshots_read (struct qcow2_io *io, uint64_t file_size,
                           struct qcow2_snapshot **snaps_out,
                           uint64_t *table_bytes_out);
 void qcow2_snapshots_free (struct qcow2_snapshot *snaps, uint32_t n);
+/* The on-disk form of a snapshot table (QEMU's layout: every entry with
+ * 24 bytes of known extra data, then any unknown extra data it had).
+ * *buf_out is malloc'd; *len_out may be 0.
+ */
+int qcow2_snapshots_serialize (const struct qcow2_snapshot *snaps,
+                               uint32_t n, unsigned char **buf_out,
+                               uint64_t *len_out);
+/* Index of the snapshot named name_or_id, else of the one with that id;
+ * -1 if none.
+ */
+int64_t qcow2_snapshot_find (const struct qcow2_image *img,
+                             const char *name_or_id);
+/* Check a snapshot's L1 table as QEMU does when a snapshot is used
+ * (aligned, at most 32 MiB, inside the file; disk size sane) and load
+ * it in host byte order.  *l1_out is malloc'd.
+ */
+int qcow2_snapshot_load_l1 (struct qcow2_image *img,
+                            const struct qcow2_snapshot *sn,
+                            uint64_t **l1_out);
 
 /* What lies below an image where its clusters are unallocated. */
 enum qcow2_backing_kind { BACKING_NONE, BACKING_QCOW2, BACKING_RAW };
@@ -358,6 +382,13 @@ int qcow2_overlap_check (struct qcow2_image *img, uint64_t offset,
                          uint64_t len, enum qcow2_metadata_kind own_kind);
 int qcow2_signal_corruption (struct qcow2_image *img, const char *fmt, ...)
   __attribute__ ((format (printf, 2, 3)));
+
+/* resize.c: under the writer lock, replace the active L1 table with one
+ * of new_l1_size entries (>= the current size), setting the disk size to
+ * new_size in the same header write.
+ */
+int qcow2_grow_l1 (struct qcow2_image *img, uint64_t new_size,
+                   uint32_t new_l1_size);
 
 /* flush.c: under the writer lock. */
 int qcow2_sync_metadata (struct qcow2_image *img);

@@ -197,9 +197,26 @@ struct qcow2_snapshot_info {
 };
 
 uint32_t qcow2_snapshot_count (const struct qcow2_image *image);
-/* Strings stay valid while the image is open. */
+/* Strings stay valid until the snapshot table changes (the three
+ * operations below) or the image is closed.
+ */
 void qcow2_snapshot_get_info (const struct qcow2_image *image, uint32_t i,
                               struct qcow2_snapshot_info *info);
+
+/* Snapshot operations, as `qemu-img snapshot -c/-d/-a` (image writable,
+ * no requests in flight, no views open).  Names are looked up as views
+ * are: by name, else by id.
+ *
+ * create: a snapshot of the active image named `name` (a new name, not
+ *   an existing id), with the next numeric id; refused with refcount_bits
+ *   1 and with an external data file, as QEMU refuses them.
+ * delete: drop a snapshot, releasing the clusters only it used.
+ * apply:  make the active image what the snapshot holds (its disk size
+ *   too); the snapshot stays.
+ */
+int qcow2_snapshot_create (struct qcow2_image *image, const char *name);
+int qcow2_snapshot_delete (struct qcow2_image *image, const char *name_or_id);
+int qcow2_snapshot_apply (struct qcow2_image *image, const char *name_or_id);
 
 /* A read-only view of a snapshot, found by name or else by id.  Views
  * stay consistent while the active image is written: clusters a snapshot

@@ -21,8 +21,8 @@
 #include "io.h"
 #include "util.h"
 
-static int
-grow_l1 (struct qcow2_image *img, uint64_t new_size, uint32_t new_l1_size)
+int
+qcow2_grow_l1 (struct qcow2_image *img, uint64_t new_size, uint32_t new_l1_size)
 {
   struct qcow2_writer *w = img->w;
   uint64_t bytes = (uint64_t) new_l1_size * 8;
@@ -146,7 +146,7 @@ qcow2_resize (struct qcow2_image *img, uint64_t new_size)
 
   pthread_mutex_lock (&img->w->lock);
   if (needed > img->l1_size)
-    r = grow_l1 (img, new_size, (uint32_t) needed);
+    r = qcow2_grow_l1 (img, new_size, (uint32_t) needed);
   else {
     /* The table already covers it: only the size changes. */
     put_be64 (hdr, new_size);

@@ -17,6 +17,8 @@
 #include "util.h"
 
 #define SNAPSHOT_HEADER_BYTES 40
+/* Extra data fields: vm_state_size_large, disk_size, icount. */
+#define SNAPSHOT_KNOWN_EXTRA 24
 
 int
 qcow2_snapshots_read (struct qcow2_io *io, uint64_t file_size,
@@ -103,6 +105,16 @@ qcow2_snapshots_read (struct qcow2_io *io, uint64_t file_size,
     else
       sn->disk_size = h->size;
     sn->icount = extra_size >= 24 ? get_be64 (var + 16) : UINT64_MAX;
+    if (extra_size > SNAPSHOT_KNOWN_EXTRA) {
+      sn->extra_unknown_len = extra_size - SNAPSHOT_KNOWN_EXTRA;
+      sn->extra_unknown = malloc (sn->extra_unknown_len);
+      if (!sn->extra_unknown) {
+        r = -ENOMEM;
+        goto fail;
+      }
+      memcpy (sn->extra_unknown, var + SNAPSHOT_KNOWN_EXTRA,
+              sn->extra_unknown_len);
+    }
 
     sn->id = malloc (id_len + 1);
     sn->name = malloc (name_len + 1);
@@ -139,6 +151,118 @@ qcow2_snapshots_free (struct qcow2_snapshot *snaps, uint32_t n)
   for (uint32_t i = 0; i < n; i++) {
     free (snaps[i].id);
     free (snaps[i].name);
+    free (snaps[i].extra_unknown);
   }
   free (snaps);
+}
+
+static uint64_t
+entry_bytes (const struct qcow2_snapshot *sn)
+{
+  return (SNAPSHOT_HEADER_BYTES + SNAPSHOT_KNOWN_EXTRA +
+          (uint64_t) sn->extra_unknown_len + strlen (sn->id) +
+          strlen (sn->name) + 7) & ~7ull;
+}
+
+int
+qcow2_snapshots_serialize (const struct qcow2_snapshot *snaps, uint32_t n,
+                           unsigned char **buf_out, uint64_t *len_out)
+{
+  uint64_t len = 0, off = 0;
+  unsigned char *buf;
+
+  for (uint32_t i = 0; i < n; i++)
+    len += entry_bytes (&snaps[i]);
+  if (len > QCOW2_MAX_SNAPSHOT_TABLE) {
+    qcow2_error ("Snapshot table is too big");
+    return -EFBIG;
+  }
+  buf = calloc (1, len ? len : 1);
+  if (!buf)
+    return -ENOMEM;
+  for (uint32_t i = 0; i < n; i++) {
+    const struct qcow2_snapshot *sn = &snaps[i];
+    unsigned char *p = buf + off;
+    size_t id_len = strlen (sn->id), name_len = strlen (sn->name);
+
+    put_be64 (p, sn->l1_table_offset);
+    put_be32 (p + 8, sn->l1_size);
+    put_be16 (p + 12, (uint16_t) id_len);
+    put_be16 (p + 14, (uint16_t) name_len);
+    put_be32 (p + 16, sn->date_sec);
+    put_be32 (p + 20, sn->date_nsec);
+    put_be64 (p + 24, sn->vm_clock_nsec);
+    /* The 32-bit field holds the size when it fits, as QEMU writes it. */
+    put_be32 (p + 32, sn->vm_state_size > UINT32_MAX
+                      ? 0 : (uint32_t) sn->vm_state_size);
+    put_be32 (p + 36, SNAPSHOT_KNOWN_EXTRA + sn->extra_unknown_len);
+    p += SNAPSHOT_HEADER_BYTES;
+    put_be64 (p, sn->vm_state_size);
+    put_be64 (p + 8, sn->disk_size);
+    put_be64 (p + 16, sn->icount);
+    p += SNAPSHOT_KNOWN_EXTRA;
+    if (sn->extra_unknown_len)
+      memcpy (p, sn->extra_unknown, sn->extra_unknown_len);
+    p += sn->extra_unknown_len;
+    memcpy (p, sn->id, id_len);
+    memcpy (p + id_len, sn->name, name_len);
+    off += entry_bytes (sn);
+  }
+  *buf_out = buf;
+  *len_out = len;
+  return 0;
+}
+
+int64_t
+qcow2_snapshot_find (const struct qcow2_image *img, const char *name_or_id)
+{
+  for (uint32_t i = 0; i < img->nb_snapshots; i++)
+    if (strcmp (img->snapshots[i].name, name_or_id) == 0)
+      return i;
+  for (uint32_t i = 0; i < img->nb_snapshots; i++)
+    if (strcmp (img->snapshots[i].id, name_or_id) == 0)
+      return i;
+  return -1;
+}
+
+int
+qcow2_snapshot_load_l1 (struct qcow2_image *img,
+                        const struct qcow2_snapshot *sn, uint64_t **l1_out)
+{
+  uint64_t bytes = (uint64_t) sn->l1_size * 8;
+  uint64_t *l1;
+  int r;
+
+  *l1_out = NULL;
+  if (!is_aligned (sn->l1_table_offset, img->cluster_size) ||
+      (sn->l1_size && sn->l1_table_offset == 0)) {
+    qcow2_error ("%s: snapshot '%s': Snapshot L1 table offset invalid: %#"
+                 PRIx64, img->filename, sn->name, sn->l1_table_offset);
+    return -EINVAL;
+  }
+  if (bytes > QCOW2_MAX_L1_BYTES ||
+      range_exceeds (sn->l1_table_offset, bytes, qcow2_file_size (img))) {
+    qcow2_error ("%s: snapshot '%s': Snapshot L1 table too large (%" PRIu32
+                 " entries)", img->filename, sn->name, sn->l1_size);
+    return -EFBIG;
+  }
+  if (sn->disk_size > INT64_MAX) {
+    qcow2_error ("%s: snapshot '%s': disk size %" PRIu64 " too large",
+                 img->filename, sn->name, sn->disk_size);
+    return -EFBIG;
+  }
+  l1 = malloc (bytes ? bytes : 1);
+  if (!l1)
+    return -ENOMEM;
+  r = bytes ? qcow2_io_pread (img->io, l1, bytes, sn->l1_table_offset) : 0;
+  if (r < 0) {
+    qcow2_error ("%s: snapshot '%s': could not read its L1 table: %s",
+                 img->filename, sn->name, strerror (-r));
+    free (l1);
+    return r;
+  }
+  for (uint32_t i = 0; i < sn->l1_size; i++)
+    l1[i] = get_be64 (&l1[i]);
+  *l1_out = l1;
+  return 0;
 }

@@ -30,6 +30,14 @@ get_be64 (const void *p)
 }
 
 static inline void
+put_be16 (void *p, uint16_t v)
+{
+  uint8_t *b = p;
+  b[0] = (uint8_t) (v >> 8);
+  b[1] = (uint8_t) v;
+}
+
+static inline void
 put_be32 (void *p, uint32_t v)
 {
   uint8_t *b = p;

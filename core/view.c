@@ -44,25 +44,13 @@ qcow2_snapshot_get_info (const struct qcow2_image *img, uint32_t i,
   info->vm_clock_nsec = sn->vm_clock_nsec;
 }
 
-static const struct qcow2_snapshot *
-find (const struct qcow2_image *img, const char *name_or_id)
-{
-  for (uint32_t i = 0; i < img->nb_snapshots; i++)
-    if (strcmp (img->snapshots[i].name, name_or_id) == 0)
-      return &img->snapshots[i];
-  for (uint32_t i = 0; i < img->nb_snapshots; i++)
-    if (strcmp (img->snapshots[i].id, name_or_id) == 0)
-      return &img->snapshots[i];
-  return NULL;
-}
-
 int
 qcow2_view_open (struct qcow2_image *img, const char *name_or_id,
                  struct qcow2_view **view_out)
 {
-  const struct qcow2_snapshot *sn = find (img, name_or_id);
+  int64_t i = qcow2_snapshot_find (img, name_or_id);
+  const struct qcow2_snapshot *sn = i >= 0 ? &img->snapshots[i] : NULL;
   struct qcow2_view *v;
-  uint64_t bytes;
   int r;
 
   *view_out = NULL;
@@ -71,45 +59,17 @@ qcow2_view_open (struct qcow2_image *img, const char *name_or_id,
                  name_or_id);
     return -ENOENT;
   }
-  bytes = (uint64_t) sn->l1_size * 8;
-  if (!is_aligned (sn->l1_table_offset, img->cluster_size) ||
-      (sn->l1_size && sn->l1_table_offset == 0)) {
-    qcow2_error ("%s: snapshot '%s': Snapshot L1 table offset invalid: %#"
-                 PRIx64, img->filename, sn->name, sn->l1_table_offset);
-    return -EINVAL;
-  }
-  if (bytes > QCOW2_MAX_L1_BYTES ||
-      range_exceeds (sn->l1_table_offset, bytes, img->file_size)) {
-    qcow2_error ("%s: snapshot '%s': Snapshot L1 table too large (%" PRIu32
-                 " entries)", img->filename, sn->name, sn->l1_size);
-    return -EFBIG;
-  }
-  if (sn->disk_size > INT64_MAX) {
-    qcow2_error ("%s: snapshot '%s': disk size %" PRIu64 " too large",
-                 img->filename, sn->name, sn->disk_size);
-    return -EFBIG;
-  }
-
   v = calloc (1, sizeof *v);
   if (!v)
     return -ENOMEM;
   v->img = img;
   v->l1_size = sn->l1_size;
   v->size = sn->disk_size;
-  v->l1 = malloc (bytes ? bytes : 1);
-  if (!v->l1) {
-    free (v);
-    return -ENOMEM;
-  }
-  r = bytes ? qcow2_io_pread (img->io, v->l1, bytes, sn->l1_table_offset) : 0;
+  r = qcow2_snapshot_load_l1 (img, sn, &v->l1);
   if (r < 0) {
-    qcow2_error ("%s: snapshot '%s': could not read its L1 table: %s",
-                 img->filename, sn->name, strerror (-r));
-    qcow2_view_close (v);
+    free (v);
     return r;
   }
-  for (uint32_t i = 0; i < v->l1_size; i++)
-    v->l1[i] = get_be64 (&v->l1[i]);
   *view_out = v;
   return 0;
 }

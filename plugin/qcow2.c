@@ -30,6 +30,7 @@
 #include "config.h"
 #include "create.h"
 #include "qcow2.h"
+#include "snapshots.h"
 
 #define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
 
@@ -64,6 +65,7 @@ qcow2_plugin_unload (void)
 {
   qcow2_close (image);
   image = NULL;
+  snapshots_unload ();
   free (filename);
   free (data_file);
   if (passphrase) {
@@ -135,7 +137,9 @@ qcow2_plugin_config (const char *key, const char *value)
     cache_size = nbdkit_parse_size (value);
     return cache_size == -1 ? -1 : 0;
   }
-  int r = create_config (key, value);
+  int r = snapshots_config (key, value);
+  if (r == 1)
+    r = create_config (key, value);
   if (r == 1)
     nbdkit_error ("unknown parameter '%s'", key);
   return r == 0 ? 0 : -1;
@@ -174,6 +178,7 @@ qcow2_plugin_config_complete (void)
   "locking=false          Do not take QEMU-compatible image locks.\n" \
   "check=report|repair    Check refcounts and COPIED flags before serving,\n" \
   "                       and with repair fix them (opens read-write).\n" \
+  SNAPSHOTS_CONFIG_HELP \
   CREATE_CONFIG_HELP
 
 /* check=: report on stderr as qemu-img check would summarise; with
@@ -220,7 +225,9 @@ qcow2_plugin_get_ready (void)
   opts.writable = check_mode == CHECK_REPAIR;
   if (qcow2_open (&opts, &image) < 0 || create_resize (image) == -1)
     return -1;
-  return check_mode == CHECK_NONE ? 0 : run_check ();
+  if (check_mode != CHECK_NONE && run_check () == -1)
+    return -1;
+  return snapshots_run (image);
 }
 
 static void

@@ -8,9 +8,10 @@
  * checked (qemu-img check's classes, without and then with repair), and
  * put through a fixed script of writes, zeroes, trims and flushes that
  * touch the first clusters, cluster and L2 boundaries and the end of the
- * disk, with reads in between.  Hostile refcount tables, L1/L2 tables and
- * snapshot tables then meet the allocator, copy-on-write and the refcount
- * updates.
+ * disk, with reads in between, then snapshot create, apply and delete.
+ * Hostile refcount tables, L1/L2 tables and snapshot tables then meet the
+ * allocator, copy-on-write, the refcount updates and the snapshot
+ * operations' walks over every table.
  *
  * Nothing is compared: with hostile metadata two guest clusters may share
  * a host cluster, so a write may legitimately show up elsewhere.  What is
@@ -212,6 +213,25 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
       if (end < 0 || (uint64_t) end > MAX_FILE_SIZE)
         break;
       run_op (img, &script[i], disk, c);
+    }
+    /* Snapshot operations over whatever snapshot table the input has:
+     * take one, write, revert to the input's first, delete both.  (The
+     * disk size may change with the revert: nothing is written after.)
+     */
+    if (lseek (fd, 0, SEEK_END) <= (off_t) MAX_FILE_SIZE) {
+      char first[64] = "";
+      if (qcow2_snapshot_count (img) > 0) {
+        struct qcow2_snapshot_info sn;
+        qcow2_snapshot_get_info (img, 0, &sn);
+        snprintf (first, sizeof first, "%s", sn.id);
+      }
+      if (qcow2_snapshot_create (img, "fuzz") == 0)
+        run_op (img, &script[0], disk, c);
+      if (*first)
+        qcow2_snapshot_apply (img, first);
+      qcow2_snapshot_delete (img, "fuzz");
+      if (*first)
+        qcow2_snapshot_delete (img, first);
     }
     {
       unsigned n = 0;

@@ -1,0 +1,807 @@
+/* Internal snapshots: create, delete, apply (revert).
+ *
+ * Refcount rules (QEMU's, which `qemu-img check` counts by): a data or L2
+ * cluster's refcount is the number of L1 tables (the active one and each
+ * snapshot's) through which it is reached, once per reaching entry; a
+ * compressed cluster counts one reference on every host cluster its bytes
+ * touch.  COPIED is set in the active L1 and L2 tables exactly where that
+ * count is 1.  So taking a snapshot adds one reference to everything the
+ * active L1 reaches and clears COPIED, and writers then copy before they
+ * change anything shared.
+ *
+ * Ordering.  Each operation makes every refcount increase durable before
+ * the table entry (snapshot table or active L1) that needs it, and writes
+ * the entry that stops using clusters durable before their refcounts
+ * drop, so a crash leaks at worst.  COPIED flags are cleared before the
+ * snapshot that shares their clusters is recorded, and set only after the
+ * refcount decrease that makes them true is durable: a crash can leave a
+ * flag clear where it could be set (qemu-img check counts the mismatch;
+ * writers merely copy once more), never set on a shared cluster.  A crash
+ * between the two writes of one such pair leaves a mismatch that `qemu-img
+ * check -r all` (or check=repair) fixes: QEMU has the same windows.
+ *
+ * These run before the image serves requests (plugin startup), with the
+ * image writable, so the in-memory tables change without a reader
+ * protocol.  Each takes the writer lock for the caches' sake.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cache.h"
+#include "internal.h"
+#include "io.h"
+#include "util.h"
+
+/* Header fields: nb_snapshots (60, 4 bytes), snapshots_offset (64). */
+#define HEADER_SNAPSHOTS 60
+
+/* Pending releases, dirty slices: sync when this many. */
+#define SYNC_EVERY 4096
+#define WRITEBACK_EVERY 32
+
+/* --- Walking the references of an L1 table ------------------------- */
+
+/* Called with the first cluster index and the count of host clusters one
+ * reference touches.  A negative return stops the walk.
+ */
+typedef int (*ref_fn) (struct qcow2_image *img, uint64_t first,
+                       uint64_t count, void *opaque);
+
+static int
+l2_offset_valid (struct qcow2_image *img, uint64_t l2, uint32_t index)
+{
+  if (!is_aligned (l2, img->cluster_size) ||
+      range_exceeds (l2, img->cluster_size, qcow2_file_size (img))) {
+    qcow2_error ("%s: L2 table offset %#" PRIx64 " invalid (L1 index %"
+                 PRIu32 ")", img->filename, l2, index);
+    return -EIO;
+  }
+  return 0;
+}
+
+/* The clusters one L2 entry references: none, a data cluster, or the
+ * clusters compressed bytes touch.
+ */
+static int
+entry_refs (struct qcow2_image *img, uint64_t entry, uint64_t *first,
+            uint64_t *count)
+{
+  struct qcow2_entry st;
+
+  qcow2_entry_classify (img, entry, 0, &st);
+  *count = 0;
+  if (st.compressed) {
+    uint64_t desc = entry & ~(QCOW2_OFLAG_COPIED | QCOW2_OFLAG_COMPRESSED);
+    uint64_t start = align_down (desc & img->coffset_mask, 512);
+    uint64_t nsec = ((desc >> img->csize_shift) & img->csize_mask) + 1;
+    *first = start >> img->cluster_bits;
+    *count = ((start + nsec * 512 - 1) >> img->cluster_bits) - *first + 1;
+  }
+  else if (st.allocated && !img->external_data) {
+    if (!is_aligned (st.host, img->cluster_size)) {
+      qcow2_error ("%s: Cluster allocation offset %#" PRIx64 " unaligned",
+                   img->filename, st.host);
+      return -EIO;
+    }
+    *first = st.host >> img->cluster_bits;
+    *count = 1;
+  }
+  /* As check.c counts: a reference past the end of the file is
+   * corruption, and must not make refcount.c grow its tables out there.
+   */
+  if (*count && *first + *count >
+                div_round_up (qcow2_file_size (img), img->cluster_size)) {
+    qcow2_error ("%s: L2 entry %#" PRIx64 " points past the end of the "
+                 "file", img->filename, entry);
+    return -EIO;
+  }
+  return 0;
+}
+
+/* The references of one L2 table's entries, slice by slice. */
+static int
+walk_l2 (struct qcow2_image *img, uint64_t l2, ref_fn fn, void *opaque)
+{
+  for (uint64_t o = 0; o < img->cluster_size; o += img->slice_size) {
+    struct qcow2_slice *slice;
+    int r = qcow2_cache_get (img->l2_cache, l2 + o, &slice);
+
+    if (r < 0) {
+      qcow2_error ("%s: could not read L2 table at %#" PRIx64 ": %s",
+                   img->filename, l2, strerror (-r));
+      return r;
+    }
+    for (uint32_t j = 0; r == 0 && j < img->slice_entries; j++) {
+      uint64_t first, count;
+      r = entry_refs (img, qcow2_l2_load (slice->data +
+                                           j * img->l2_entry_bytes),
+                      &first, &count);
+      if (r == 0 && count)
+        r = fn (img, first, count, opaque);
+    }
+    qcow2_cache_put (img->l2_cache, slice);
+    if (r != 0)
+      return r;
+  }
+  return 0;
+}
+
+/* Every reference an L1 table makes: the entries of each L2 table, then
+ * the table itself.  fn runs with a slice pinned, so it must not sync
+ * (a sync may drop slices from the cache).  Stops at the first non-zero
+ * return of fn and returns it.
+ */
+static int
+walk_refs (struct qcow2_image *img, const uint64_t *l1, uint32_t l1_size,
+           ref_fn fn, void *opaque)
+{
+  for (uint32_t i = 0; i < l1_size; i++) {
+    uint64_t l2 = l1[i] & QCOW2_L1E_OFFSET_MASK;
+    int r;
+
+    if (!l2)
+      continue;
+    r = l2_offset_valid (img, l2, i);
+    if (r == 0)
+      r = walk_l2 (img, l2, fn, opaque);
+    if (r == 0)
+      r = fn (img, l2 >> img->cluster_bits, 1, opaque);
+    if (r != 0)
+      return r;
+  }
+  return 0;
+}
+
+/* Adding (or taking back) one reference per reference, counting them so
+ * that a failed pass can be undone exactly.
+ */
+struct adjust {
+  int delta;
+  uint64_t done, limit;   /* limit: stop after this many (undo) */
+};
+
+static int
+adjust_ref (struct qcow2_image *img, uint64_t first, uint64_t count,
+            void *opaque)
+{
+  struct adjust *a = opaque;
+  int r;
+
+  for (uint64_t c = first; c < first + count; c++) {
+    if (a->done == a->limit)
+      return 1;
+    r = qcow2_refcount_update (img, c, a->delta);
+    if (r < 0)
+      return r;
+    a->done++;
+  }
+  /* Early write-back of refcount blocks is always safe here: increases
+   * ahead of their users leak at worst, and decreases only ever undo
+   * increases of this operation.
+   */
+  if (qcow2_cache_dirty_count (img->w->refblock_cache) >= WRITEBACK_EVERY)
+    return qcow2_cache_writeback (img->w->refblock_cache);
+  return 0;
+}
+
+/* One more reference to everything l1 reaches, or none (undone) on
+ * failure.  Refcount overflow (narrow refcounts) is the usual failure.
+ */
+static int
+reference_all (struct qcow2_image *img, const uint64_t *l1, uint32_t l1_size)
+{
+  struct adjust up = { 1, 0, UINT64_MAX };
+  int r = walk_refs (img, l1, l1_size, adjust_ref, &up);
+
+  if (r < 0) {
+    struct adjust down = { -1, 0, up.done };
+    int saved = r;
+    r = walk_refs (img, l1, l1_size, adjust_ref, &down);
+    if (r < 0)
+      qcow2_error ("%s: could not undo refcount increases; the image "
+                   "leaks clusters until repaired", img->filename);
+    return saved;
+  }
+  return 0;
+}
+
+/* Take back one reference from everything l1 reached, once nothing on
+ * disk uses l1 any more: through the pending list, so that clusters
+ * reaching refcount 0 leave the caches and the overlap set and have their
+ * space released (flush.c).
+ */
+static int
+release_ref (struct qcow2_image *img, uint64_t first, uint64_t count,
+             void *opaque)
+{
+  (void) opaque;
+  return qcow2_free_later (img, first << img->cluster_bits,
+                           count << img->cluster_bits);
+}
+
+/* Table by table, syncing between tables (no slice pinned) to bound the
+ * pending list.
+ */
+static int
+release_all (struct qcow2_image *img, const uint64_t *l1, uint32_t l1_size)
+{
+  for (uint32_t i = 0; i < l1_size; i++) {
+    int r = walk_refs (img, &l1[i], 1, release_ref, NULL);
+    if (r == 0 && img->w->nr_pending >= SYNC_EVERY)
+      r = qcow2_sync_metadata (img);
+    if (r < 0)
+      return r;
+  }
+  return 0;
+}
+
+/* --- COPIED flags of the active tables ------------------------------ */
+
+static int
+write_active_l1 (struct qcow2_image *img)
+{
+  uint64_t bytes = (uint64_t) img->l1_size * 8;
+  unsigned char *buf;
+  int r;
+
+  if (bytes == 0)
+    return 0;
+  buf = malloc (bytes);
+  if (!buf)
+    return -ENOMEM;
+  for (uint32_t i = 0; i < img->l1_size; i++)
+    put_be64 (buf + i * 8, img->l1[i]);
+  r = qcow2_overlap_check (img, img->h.l1_table_offset, bytes,
+                           QCOW2_META_L1);
+  if (r == 0)
+    r = qcow2_io_pwrite (img->io, buf, bytes, img->h.l1_table_offset);
+  if (r == 0)
+    r = qcow2_io_flush (img->io);
+  if (r < 0)
+    qcow2_error ("%s: could not write the L1 table: %s", img->filename,
+                 strerror (-r));
+  free (buf);
+  return r;
+}
+
+static uint64_t
+with_copied (uint64_t e, bool copied)
+{
+  return copied ? e | QCOW2_OFLAG_COPIED : e & ~QCOW2_OFLAG_COPIED;
+}
+
+/* COPIED for the entries of one active L2 table whose own refcount is
+ * table_rc: set exactly where the cluster's refcount is 1.  In a shared
+ * table every entry is cleared: the table is copied before any change,
+ * and a flag there could only be wrong (check.c's rule).
+ */
+static int
+recompute_l2 (struct qcow2_image *img, uint64_t l2, uint64_t table_rc)
+{
+  for (uint64_t o = 0; o < img->cluster_size; o += img->slice_size) {
+    struct qcow2_slice *slice;
+    bool dirty = false;
+    int r = qcow2_cache_get (img->l2_cache, l2 + o, &slice);
+
+    if (r < 0) {
+      qcow2_error ("%s: could not read L2 table at %#" PRIx64 ": %s",
+                   img->filename, l2, strerror (-r));
+      return r;
+    }
+    for (uint32_t j = 0; r == 0 && j < img->slice_entries; j++) {
+      unsigned char *p = slice->data + j * img->l2_entry_bytes;
+      uint64_t e = qcow2_l2_load (p), first, count, rc = 0, want;
+
+      r = entry_refs (img, e, &first, &count);
+      if (r == 0 && table_rc == 1 && count == 1 &&
+          !(e & QCOW2_OFLAG_COMPRESSED))
+        r = qcow2_refcount_get (img, first, &rc);
+      want = with_copied (e, rc == 1);
+      if (r == 0 && want != e) {
+        qcow2_l2_store (p, want);
+        dirty = true;
+      }
+    }
+    if (dirty)
+      qcow2_cache_mark_dirty (img->l2_cache, slice);
+    qcow2_cache_put (img->l2_cache, slice);
+    /* Only flags change here, each safe on its own: write back early. */
+    if (r == 0 && qcow2_cache_dirty_count (img->l2_cache) >= WRITEBACK_EVERY)
+      r = qcow2_cache_writeback (img->l2_cache);
+    if (r < 0)
+      return r;
+  }
+  return 0;
+}
+
+/* Make COPIED say "refcount is 1" on every active L1 and L2 entry, as
+ * `qemu-img check` expects (compressed and unallocated entries: clear).
+ * The caller writes the L1 table and syncs the L2 slices.  Images with an
+ * external data file use COPIED for allocation: their entries stay.
+ */
+static int
+recompute_copied (struct qcow2_image *img)
+{
+  for (uint32_t i = 0; i < img->l1_size; i++) {
+    uint64_t l1e = img->l1[i], l2 = l1e & QCOW2_L1E_OFFSET_MASK, rc;
+    int r;
+
+    if (!l2)
+      continue;
+    r = l2_offset_valid (img, l2, i);
+    if (r == 0)
+      r = qcow2_refcount_get (img, l2 >> img->cluster_bits, &rc);
+    if (r < 0)
+      return r;
+    __atomic_store_n (&img->l1[i], with_copied (l1e, rc == 1),
+                      __ATOMIC_RELEASE);
+    if (!img->external_data && (r = recompute_l2 (img, l2, rc)) < 0)
+      return r;
+  }
+  return 0;
+}
+
+/* Sync, and once more so that the refcount decreases the first sync
+ * applied (flush.c step 3) are durable too.
+ */
+static int
+sync_twice (struct qcow2_image *img)
+{
+  int r = qcow2_sync_metadata (img);
+  return r == 0 ? qcow2_sync_metadata (img) : r;
+}
+
+/* --- The snapshot table --------------------------------------------- */
+
+/* Write snaps as the new snapshot table (QEMU's qcow2_write_snapshots):
+ * into fresh clusters, synced; then the header's count and offset in one
+ * write, synced; only then is the old table released.  On success the
+ * image owns snaps.
+ */
+static int
+replace_table (struct qcow2_image *img, struct qcow2_snapshot *snaps,
+               uint32_t n)
+{
+  unsigned char *buf = NULL, hdr[12];
+  uint64_t len, offset = 0;
+  uint64_t old_offset = img->h.snapshots_offset;
+  uint64_t old_bytes = img->snapshot_table_bytes;
+  int r;
+
+  r = qcow2_snapshots_serialize (snaps, n, &buf, &len);
+  if (r < 0)
+    return r;
+  if (len > 0) {
+    r = qcow2_alloc_clusters (img, div_round_up (len, img->cluster_size),
+                              &offset);
+    if (r == 0)
+      r = qcow2_cache_writeback (img->w->refblock_cache);
+    if (r == 0)
+      r = qcow2_io_flush (img->io);
+    if (r == 0)
+      r = qcow2_io_pwrite (img->io, buf, len, offset);
+    if (r == 0)
+      r = qcow2_io_flush (img->io);
+    if (r < 0)
+      goto out;
+  }
+  put_be32 (hdr, n);
+  put_be64 (hdr + 4, offset);
+  r = qcow2_io_pwrite (img->io, hdr, sizeof hdr, HEADER_SNAPSHOTS);
+  if (r == 0)
+    r = qcow2_io_flush (img->io);
+  if (r < 0)
+    goto out;
+
+  qcow2_snapshots_free (img->snapshots, img->nb_snapshots);
+  img->snapshots = snaps;
+  img->nb_snapshots = n;
+  img->h.nb_snapshots = n;
+  img->h.snapshots_offset = offset;
+  img->snapshot_table_bytes = len;
+  /* The header points at the new table: from here on the operation has
+   * happened, and a failure costs only protection or space.
+   */
+  if (len > 0 &&
+      qcow2_overlap_add (img, offset, len, QCOW2_META_SNAPSHOTS) < 0)
+    qcow2_error ("%s: out of memory: the new snapshot table is not "
+                 "protected by overlap checks", img->filename);
+  if (old_bytes > 0)
+    qcow2_free_later (img, old_offset, old_bytes);  /* or it leaks */
+  free (buf);
+  return 0;
+
+ out:
+  qcow2_error ("%s: could not write the snapshot table: %s",
+               img->filename, strerror (-r));
+  free (buf);
+  return r;
+}
+
+/* A copy of the table with room for one more entry (zeroed). */
+static struct qcow2_snapshot *
+copy_table (const struct qcow2_image *img, uint32_t extra)
+{
+  uint32_t n = img->nb_snapshots;
+  struct qcow2_snapshot *s = calloc (n + extra ? n + extra : 1, sizeof *s);
+
+  if (!s)
+    return NULL;
+  for (uint32_t i = 0; i < n; i++) {
+    s[i] = img->snapshots[i];
+    s[i].id = strdup (img->snapshots[i].id);
+    s[i].name = strdup (img->snapshots[i].name);
+    s[i].extra_unknown = NULL;
+    if (img->snapshots[i].extra_unknown_len) {
+      s[i].extra_unknown = malloc (img->snapshots[i].extra_unknown_len);
+      if (s[i].extra_unknown)
+        memcpy (s[i].extra_unknown, img->snapshots[i].extra_unknown,
+                img->snapshots[i].extra_unknown_len);
+    }
+    if (!s[i].id || !s[i].name ||
+        (s[i].extra_unknown_len && !s[i].extra_unknown)) {
+      qcow2_snapshots_free (s, i + 1);
+      return NULL;
+    }
+  }
+  return s;
+}
+
+/* QEMU's find_new_snapshot_id: one more than the largest numeric id. */
+static char *
+new_id (const struct qcow2_image *img)
+{
+  unsigned long long max = 0;
+  char buf[32];
+
+  for (uint32_t i = 0; i < img->nb_snapshots; i++) {
+    unsigned long long v = strtoull (img->snapshots[i].id, NULL, 10);
+    if (v > max)
+      max = v;
+  }
+  snprintf (buf, sizeof buf, "%llu", max + 1);
+  return strdup (buf);
+}
+
+/* --- The operations ------------------------------------------------- */
+
+static int
+check_writable (struct qcow2_image *img, const char *what)
+{
+  if (!img->w || !qcow2_is_writable (img)) {
+    qcow2_error ("%s: %s a snapshot needs the image open read-write",
+                 img->filename, what);
+    return -EROFS;
+  }
+  if (__atomic_load_n (&img->corrupt, __ATOMIC_ACQUIRE)) {
+    qcow2_error ("%s: the image is marked corrupt", img->filename);
+    return -EIO;
+  }
+  return 0;
+}
+
+static int
+create_locked (struct qcow2_image *img, const char *name)
+{
+  uint32_t n = img->nb_snapshots;
+  uint64_t l1_bytes = (uint64_t) img->l1_size * 8, l1_offset = 0;
+  struct qcow2_snapshot *snaps = NULL, *sn;
+  unsigned char *copy = NULL;
+  struct timespec now;
+  int r;
+
+  if (img->external_data) {
+    qcow2_error ("%s: internal snapshots are not supported with an "
+                 "external data file", img->filename);
+    return -ENOTSUP;
+  }
+  if (img->w->refcount_max < 2) {
+    qcow2_error ("%s: snapshots need refcounts of at least 2 bits (this "
+                 "image has refcount_bits=1)", img->filename);
+    return -ENOTSUP;
+  }
+  if (n >= QCOW2_MAX_SNAPSHOTS) {
+    qcow2_error ("%s: too many snapshots (%" PRIu32 ")", img->filename, n);
+    return -EFBIG;
+  }
+  if (*name == '\0' || strlen (name) > UINT16_MAX) {
+    qcow2_error ("%s: a snapshot name must have 1 to 65535 bytes",
+                 img->filename);
+    return -EINVAL;
+  }
+  if (qcow2_snapshot_find (img, name) >= 0) {
+    qcow2_error ("%s: a snapshot with name or id '%s' already exists",
+                 img->filename, name);
+    return -EEXIST;
+  }
+
+  /* Everything written so far reaches the disk first. */
+  r = qcow2_sync_metadata (img);
+  if (r < 0)
+    return r;
+
+  /* The snapshot's L1 table: a copy of the active one.  COPIED means
+   * nothing in an inactive table; QEMU keeps it, we clear it, so that
+   * applying the snapshot never brings back a stale flag.
+   */
+  if (l1_bytes > 0) {
+    uint64_t clusters = div_round_up (l1_bytes, img->cluster_size);
+    copy = calloc (clusters, img->cluster_size);
+    if (!copy)
+      return -ENOMEM;
+    for (uint32_t i = 0; i < img->l1_size; i++)
+      put_be64 (copy + i * 8, img->l1[i] & ~QCOW2_OFLAG_COPIED);
+    r = qcow2_alloc_clusters (img, clusters, &l1_offset);
+    if (r == 0)
+      r = qcow2_io_pwrite (img->io, copy, clusters << img->cluster_bits,
+                           l1_offset);
+    free (copy);
+    if (r < 0) {
+      qcow2_error ("%s: could not write the snapshot's L1 table: %s",
+                   img->filename, strerror (-r));
+      return r;
+    }
+  }
+
+  r = reference_all (img, img->l1, img->l1_size);
+  if (r < 0)
+    goto undo_l1;
+  /* Clear COPIED on everything now shared, and make the flags and the
+   * increases durable before the snapshot that needs them is recorded.
+   */
+  r = recompute_copied (img);
+  if (r == 0)
+    r = write_active_l1 (img);
+  if (r == 0)
+    r = qcow2_sync_metadata (img);
+  if (r < 0)
+    goto undo_refs;
+
+  snaps = copy_table (img, 1);
+  if (!snaps) {
+    r = -ENOMEM;
+    goto undo_refs;
+  }
+  sn = &snaps[n];
+  clock_gettime (CLOCK_REALTIME, &now);
+  sn->l1_table_offset = l1_offset;
+  sn->l1_size = img->l1_size;
+  sn->id = new_id (img);
+  sn->name = strdup (name);
+  sn->date_sec = (uint32_t) now.tv_sec;
+  sn->date_nsec = (uint32_t) now.tv_nsec;
+  sn->has_disk_size = true;
+  sn->disk_size = img->h.size;
+  sn->icount = UINT64_MAX;      /* not recorded, as QEMU writes it */
+  if (!sn->id || !sn->name) {
+    qcow2_snapshots_free (snaps, n + 1);
+    r = -ENOMEM;
+    goto undo_refs;
+  }
+  r = replace_table (img, snaps, n + 1);
+  if (r < 0) {
+    qcow2_snapshots_free (snaps, n + 1);
+    goto undo_refs;
+  }
+  r = qcow2_overlap_add (img, l1_offset, l1_bytes, QCOW2_META_SNAPSHOT_L1);
+  if (r == 0)
+    r = qcow2_sync_metadata (img);
+  return r;
+
+ undo_refs:
+  /* Not recorded: take the references back and restore the flags. */
+  if (release_all (img, img->l1, img->l1_size) == 0 &&
+      sync_twice (img) == 0 && recompute_copied (img) == 0)
+    write_active_l1 (img);
+ undo_l1:
+  if (l1_bytes > 0)
+    qcow2_free_later (img, l1_offset, l1_bytes);
+  sync_twice (img);
+  return r;
+}
+
+int
+qcow2_snapshot_create (struct qcow2_image *img, const char *name)
+{
+  int r = check_writable (img, "creating");
+
+  if (r < 0)
+    return r;
+  pthread_mutex_lock (&img->w->lock);
+  r = create_locked (img, name);
+  pthread_mutex_unlock (&img->w->lock);
+  return r;
+}
+
+static int
+delete_locked (struct qcow2_image *img, const char *name_or_id)
+{
+  int64_t index = qcow2_snapshot_find (img, name_or_id);
+  uint32_t n = img->nb_snapshots;
+  struct qcow2_snapshot *snaps, victim;
+  uint64_t *l1 = NULL;
+  int r;
+
+  if (index < 0) {
+    qcow2_error ("%s: no snapshot with name or id '%s'", img->filename,
+                 name_or_id);
+    return -ENOENT;
+  }
+  r = qcow2_snapshot_load_l1 (img, &img->snapshots[index], &l1);
+  if (r < 0)
+    return r;
+  victim = img->snapshots[index];
+  snaps = copy_table (img, 0);
+  if (!snaps) {
+    free (l1);
+    return -ENOMEM;
+  }
+  free (snaps[index].id);
+  free (snaps[index].name);
+  free (snaps[index].extra_unknown);
+  memmove (&snaps[index], &snaps[index + 1],
+           (n - 1 - (uint32_t) index) * sizeof *snaps);
+
+  /* First the table without it, durable; then its references go. */
+  r = replace_table (img, snaps, n - 1);
+  if (r < 0) {
+    qcow2_snapshots_free (snaps, n - 1);
+    free (l1);
+    return r;
+  }
+  r = release_all (img, l1, victim.l1_size);
+  if (r == 0 && victim.l1_size > 0)
+    r = qcow2_free_later (img, victim.l1_table_offset,
+                          (uint64_t) victim.l1_size * 8);
+  free (l1);
+  /* Clusters only the active image still uses regain COPIED, once their
+   * lower refcounts are durable.
+   */
+  if (r == 0)
+    r = sync_twice (img);
+  if (r == 0)
+    r = recompute_copied (img);
+  if (r == 0)
+    r = write_active_l1 (img);
+  if (r == 0)
+    r = qcow2_sync_metadata (img);
+  return r;
+}
+
+int
+qcow2_snapshot_delete (struct qcow2_image *img, const char *name_or_id)
+{
+  int r = check_writable (img, "deleting");
+
+  if (r < 0)
+    return r;
+  pthread_mutex_lock (&img->w->lock);
+  r = delete_locked (img, name_or_id);
+  pthread_mutex_unlock (&img->w->lock);
+  return r;
+}
+
+static int
+apply_locked (struct qcow2_image *img, const char *name_or_id)
+{
+  int64_t index = qcow2_snapshot_find (img, name_or_id);
+  unsigned l2_shift = img->cluster_bits +
+                      (unsigned) __builtin_ctzll (img->l2_entries);
+  const struct qcow2_snapshot *sn;
+  uint64_t *sn_l1 = NULL, *old_l1 = NULL, needed, disk_size;
+  uint32_t sn_l1_size, old_l1_size;
+  unsigned char hdr[8];
+  int r;
+
+  if (index < 0) {
+    qcow2_error ("%s: no snapshot with name or id '%s'", img->filename,
+                 name_or_id);
+    return -ENOENT;
+  }
+  sn = &img->snapshots[index];
+  r = qcow2_snapshot_load_l1 (img, sn, &sn_l1);
+  if (r < 0)
+    return r;
+  sn_l1_size = sn->l1_size;
+  disk_size = sn->disk_size;
+  if (disk_size % 512) {
+    qcow2_error ("%s: snapshot '%s': disk size %" PRIu64 " is not a "
+                 "multiple of 512", img->filename, sn->name, disk_size);
+    r = -EINVAL;
+    goto out;
+  }
+  needed = div_round_up (disk_size, 1ull << l2_shift);
+  if (needed < sn_l1_size)
+    needed = sn_l1_size;
+  if (needed < img->l1_size)
+    needed = img->l1_size;
+  if (needed * 8 > QCOW2_MAX_L1_BYTES) {
+    qcow2_error ("%s: snapshot '%s' needs an L1 table larger than %u "
+                 "bytes", img->filename, sn->name, QCOW2_MAX_L1_BYTES);
+    r = -EFBIG;
+    goto out;
+  }
+
+  r = qcow2_sync_metadata (img);
+  if (r == 0 && needed > img->l1_size)
+    r = qcow2_grow_l1 (img, img->h.size, (uint32_t) needed);
+  if (r < 0)
+    goto out;
+
+  /* The snapshot's clusters gain the active image as a user, durably,
+   * before the active L1 points at them.
+   */
+  r = reference_all (img, sn_l1, sn_l1_size);
+  if (r == 0)
+    r = qcow2_cache_writeback (img->w->refblock_cache);
+  if (r == 0)
+    r = qcow2_io_flush (img->io);
+  if (r < 0)
+    goto out;
+
+  old_l1_size = img->l1_size;
+  old_l1 = malloc ((uint64_t) old_l1_size * 8 + 1);
+  if (!old_l1) {
+    r = -ENOMEM;
+    goto out;
+  }
+  memcpy (old_l1, img->l1, (uint64_t) old_l1_size * 8);
+  /* Everything the new active table reaches is shared: COPIED clear. */
+  for (uint32_t i = 0; i < img->l1_size; i++)
+    __atomic_store_n (&img->l1[i],
+                      i < sn_l1_size ? sn_l1[i] & ~QCOW2_OFLAG_COPIED : 0,
+                      __ATOMIC_RELEASE);
+  r = write_active_l1 (img);
+  if (r == 0 && disk_size != img->h.size) {
+    put_be64 (hdr, disk_size);
+    r = qcow2_io_pwrite (img->io, hdr, sizeof hdr, 24);
+    if (r == 0)
+      r = qcow2_io_flush (img->io);
+    if (r == 0)
+      img->h.size = disk_size;
+    else
+      qcow2_error ("%s: could not update the header: %s", img->filename,
+                   strerror (-r));
+  }
+  if (r < 0) {
+    /* Which L1 (or size) the disk now holds is unknown: stop all
+     * writing rather than guess.
+     */
+    qcow2_signal_corruption (img, "could not switch the active L1 table "
+                             "to snapshot '%s'", sn->name);
+    goto out;
+  }
+
+  /* The old active tree lost its user. */
+  r = release_all (img, old_l1, old_l1_size);
+  if (r == 0)
+    r = sync_twice (img);
+  if (r == 0)
+    r = recompute_copied (img);
+  if (r == 0)
+    r = write_active_l1 (img);
+  if (r == 0)
+    r = qcow2_sync_metadata (img);
+
+ out:
+  free (sn_l1);
+  free (old_l1);
+  return r;
+}
+
+int
+qcow2_snapshot_apply (struct qcow2_image *img, const char *name_or_id)
+{
+  int r = check_writable (img, "applying");
+
+  if (r < 0)
+    return r;
+  pthread_mutex_lock (&img->w->lock);
+  r = apply_locked (img, name_or_id);
+  pthread_mutex_unlock (&img->w->lock);
+  return r;
+}
