@@ -66,10 +66,14 @@ IMAGES = {
         "overlay", "overlay.qcow2", "random.raw",
         "empty qcow2 overlay over full.qcow2: every read goes through the "
         "backing file"),
-    # For write rows (later): an empty qcow2, so every write allocates.
+    # For write rows: an empty qcow2, so every write allocates.
     "empty": Image(
         "empty", "empty.qcow2", "empty.raw",
         "empty qcow2 (64k clusters); raw equivalent is a sparse file"),
+    "extl2-overlay": Image(
+        "extl2-overlay", "extl2-overlay.qcow2", "random.raw",
+        "empty qcow2 overlay with extended L2 entries (64k clusters, 2k "
+        "subclusters) over full.qcow2"),
 }
 
 
@@ -77,17 +81,10 @@ IMAGES = {
 # Rows.  A row is one workload, a small declarative entry: the image it
 # runs on and the fio parameters.  Every server runs every row.
 #
-# write=True rows (not used yet: the plugin is read-only) are served
-# read-write, and each server gets a fresh copy of the image (and of the
-# raw file) so that no server sees another's writes.  Example rows for when
-# the plugin can write:
-#
-#   Row("overwrite-4k", "full", "randwrite", "4k", iodepth=16, write=True),
-#   Row("randwrite-4k-alloc", "empty", "randwrite", "4k", iodepth=16,
-#       write=True),
-#   Row("seqwrite-1M", "empty", "write", "1M", iodepth=4, write=True),
-#   Row("randwrite-4k-cow", "overlay", "randwrite", "4k", iodepth=16,
-#       write=True),
+# write=True rows are served read-write, and each server gets a fresh copy
+# of the image (and of the raw file) so that no server sees another's
+# writes.  After each, `qemu-img check` runs on the qcow2 copy: a result
+# from an image that is not clean is reported as CORRUPT.
 
 @dataclasses.dataclass(frozen=True)
 class Row:
@@ -108,6 +105,16 @@ ROWS = [
         numjobs=4),
     Row("seqread-1M-compressed", "compressed", "read", "1M", iodepth=4),
     Row("randread-4k-backing", "overlay", "randread", "4k", iodepth=16),
+    Row("overwrite-4k", "full", "randwrite", "4k", iodepth=16, write=True),
+    Row("randwrite-4k-alloc", "empty", "randwrite", "4k", iodepth=16,
+        write=True),
+    Row("randwrite-4k-alloc-4jobs", "empty", "randwrite", "4k", iodepth=16,
+        numjobs=4, write=True),
+    Row("seqwrite-1M-alloc", "empty", "write", "1M", iodepth=4, write=True),
+    Row("randwrite-4k-cow", "overlay", "randwrite", "4k", iodepth=16,
+        write=True),
+    Row("randwrite-4k-extl2-cow", "extl2-overlay", "randwrite", "4k",
+        iodepth=16, write=True),
 ]
 
 SERVERS = ["plugin", "qemu-nbd", "file-raw"]
@@ -228,6 +235,11 @@ class Images:
             self._build_file("full.qcow2")
             qemu_img("create", "-f", "qcow2", "-o", "cluster_size=65536",
                      "-b", "full.qcow2", "-F", "qcow2", p)
+        elif name == "extl2-overlay.qcow2":
+            self._build_file("full.qcow2")
+            qemu_img("create", "-f", "qcow2",
+                     "-o", "cluster_size=65536,extended_l2=on",
+                     "-b", "full.qcow2", "-F", "qcow2", p)
         elif name == "empty.qcow2":
             qemu_img("create", "-f", "qcow2", "-o", "cluster_size=65536",
                      p, str(self.size))
@@ -244,7 +256,7 @@ class Images:
     def files(self, image):
         """Every file a server of this image reads (for the warm-up)."""
         names = [image.qcow2, image.raw]
-        if image.name == "overlay":
+        if image.name in ("overlay", "extl2-overlay"):
             names.append("full.qcow2")
         return [self.path(n) for n in names]
 
@@ -400,7 +412,17 @@ def run_one(row, server, images, image, sock, uri, plugin, serverlog,
     try:
         with serving(cmd, sock, serverlog):
             warm_up(uri)
-            return fio(uri, row, runtime, ramp, row.name)
+            result = fio(uri, row, runtime, ramp, row.name)
+        # The server has stopped (and synced): is the image still sound?
+        if row.write and server != "file-raw":
+            p = subprocess.run(["qemu-img", "check", "-q", qcow2_path],
+                               stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+            result["check"] = "clean" if p.returncode == 0 else "CORRUPT"
+            if p.returncode != 0:
+                log(f"bench: {row.name} on {server}: qemu-img check exit "
+                    f"{p.returncode}: {p.stdout.strip()[:500]}")
+        return result
     finally:
         if row.write:
             for p in (qcow2_path, raw_path):
@@ -414,13 +436,17 @@ def median_result(samples):
     mid = dict(ordered[(len(ordered) - 1) // 2])
     if len(samples) > 1:
         mid["samples_iops"] = [r["iops"] for r in samples]
+    if any(r.get("check") == "CORRUPT" for r in samples):
+        mid["check"] = "CORRUPT"
     return mid
 
 
 # --------------------------------------------------------------------------
 # Report.
 
-def fmt_iops(x):
+def fmt_iops(x, res=None):
+    if res and res.get("check") == "CORRUPT":
+        return "CORRUPT"
     if x is None:
         return "-"
     return f"{x:,.0f}"
@@ -440,6 +466,8 @@ def ratio(results, a, b):
     ra, rb = results.get(a), results.get(b)
     if not ra or not rb or not rb["iops"]:
         return None
+    if "CORRUPT" in (ra.get("check"), rb.get("check")):
+        return None     # a fast wrong answer does not count
     return ra["iops"] / rb["iops"]
 
 
@@ -456,7 +484,7 @@ def table(rows_out, servers):
         line = [r["workload"]]
         for s in servers:
             res = r["results"].get(s)
-            line += [fmt_iops(res and res["iops"]),
+            line += [fmt_iops(res and res["iops"], res),
                      fmt_mib(res and res["mib_s"])]
         line += [fmt_ratio(r["plugin/qemu-nbd"]),
                  fmt_ratio(r["plugin/file-raw"])]
