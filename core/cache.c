@@ -351,6 +351,17 @@ qcow2_cache_mark_dirty (struct qcow2_cache *c, struct qcow2_slice *slice)
 }
 
 size_t
+qcow2_cache_dirty_limit (const struct qcow2_cache *c)
+{
+  size_t capacity = 0;
+
+  for (size_t i = 0; i < c->nshards; i++)
+    capacity += c->shards[i].capacity;
+  return capacity / 2 > QCOW2_CACHE_DIRTY_MIN ? capacity / 2
+                                              : QCOW2_CACHE_DIRTY_MIN;
+}
+
+size_t
 qcow2_cache_dirty_count (struct qcow2_cache *c)
 {
   size_t n = 0;

@@ -55,6 +55,15 @@ int qcow2_cache_get_new (struct qcow2_cache *c, uint64_t offset,
                          struct qcow2_slice **slice_out);
 void qcow2_cache_mark_dirty (struct qcow2_cache *c, struct qcow2_slice *slice);
 size_t qcow2_cache_dirty_count (struct qcow2_cache *c);
+/* How many dirty slices callers may let accumulate before writing back:
+ * half the capacity, but at least QCOW2_CACHE_DIRTY_MIN, so a small
+ * cache (which the default is for small disks) does not make writers
+ * sync every few requests.  The cache then holds at most its capacity
+ * plus QCOW2_CACHE_DIRTY_MIN slices (plus those pinned): a bound of
+ * cache-size plus a constant.
+ */
+#define QCOW2_CACHE_DIRTY_MIN 256
+size_t qcow2_cache_dirty_limit (const struct qcow2_cache *c);
 
 /* Called before each slice is written back; a negative return stops the
  * write-back with that error (overlap checks).
