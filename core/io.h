@@ -12,6 +12,7 @@
 #ifndef QCOW2_IO_H
 #define QCOW2_IO_H
 
+#include <errno.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -28,6 +29,11 @@ struct qcow2_io_ops {
    * space; -ENOTSUP where the backend cannot.
    */
   int (*punch_hole) (struct qcow2_io *io, uint64_t offset, uint64_t len);
+  /* Reserve space for [offset, offset + len) without changing what it
+   * reads (the file may grow to cover it); -ENOTSUP where the backend
+   * cannot.  A hint: callers ignore failures.
+   */
+  int (*preallocate) (struct qcow2_io *io, uint64_t offset, uint64_t len);
   /* The file descriptor behind the backend, or -1 (for image locks). */
   int (*fd) (struct qcow2_io *io);
   void (*close) (struct qcow2_io *io);
@@ -60,6 +66,13 @@ static inline int
 qcow2_io_flush (struct qcow2_io *io)
 {
   return io->ops->flush (io);
+}
+
+static inline int
+qcow2_io_preallocate (struct qcow2_io *io, uint64_t offset, uint64_t len)
+{
+  return io->ops->preallocate ? io->ops->preallocate (io, offset, len)
+                              : -ENOTSUP;
 }
 
 static inline void

@@ -88,6 +88,16 @@ file_punch_hole (struct qcow2_io *io, uint64_t offset, uint64_t len)
 }
 
 static int
+file_preallocate (struct qcow2_io *io, uint64_t offset, uint64_t len)
+{
+  struct file_io *f = (struct file_io *) io;
+
+  if (fallocate (f->fd, 0, (off_t) offset, (off_t) len) == -1)
+    return errno == EOPNOTSUPP ? -ENOTSUP : -errno;
+  return 0;
+}
+
+static int
 file_fd (struct qcow2_io *io)
 {
   return ((struct file_io *) io)->fd;
@@ -107,6 +117,7 @@ static const struct qcow2_io_ops file_ops = {
   .flush = file_flush,
   .get_size = file_get_size,
   .punch_hole = file_punch_hole,
+  .preallocate = file_preallocate,
   .fd = file_fd,
   .close = file_close,
 };

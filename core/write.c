@@ -268,6 +268,13 @@ write_subclusters (struct qcow2_image *img, const unsigned char *buf,
     host = st->host;
   else if ((r = new_clusters (img, guest, 1, &host)) < 0)
     goto out;
+  else if (wend - wstart < cs)
+    /* The rest of the new cluster is written later, a subcluster at a
+     * time: reserve it whole now (as QEMU does), or every later write
+     * makes the host file system allocate blocks inside a hole, which
+     * costs more than the write itself.
+     */
+    qcow2_io_preallocate (img->data_io, host, cs);
   r = write_host (img, content, wend - wstart, host + wstart, guest + wstart);
   if (r == 0)
     r = qcow2_entry_publish (img, guest, owned_entry (host), zero << 32 | alloc,
