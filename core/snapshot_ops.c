@@ -46,18 +46,19 @@
 /* --- Walking the references of an L1 table ------------------------- */
 
 /* Called with the first cluster index and the count of host clusters one
- * reference touches.  A negative return stops the walk.
+ * reference touches.  A non-zero return stops the walk: negative for an
+ * error, positive to stop early (an undo that is complete).
  */
 typedef int (*ref_fn) (struct qcow2_image *img, uint64_t first,
                        uint64_t count, void *opaque);
 
 static int
-l2_offset_valid (struct qcow2_image *img, uint64_t l2, uint32_t index)
+l2_offset_valid (struct qcow2_image *img, uint64_t l2)
 {
   if (!is_aligned (l2, img->cluster_size) ||
       range_exceeds (l2, img->cluster_size, qcow2_file_size (img))) {
-    qcow2_error ("%s: L2 table offset %#" PRIx64 " invalid (L1 index %"
-                 PRIu32 ")", img->filename, l2, index);
+    qcow2_error ("%s: L2 table offset %#" PRIx64 " invalid", img->filename,
+                 l2);
     return -EIO;
   }
   return 0;
@@ -145,7 +146,7 @@ walk_refs (struct qcow2_image *img, const uint64_t *l1, uint32_t l1_size,
 
     if (!l2)
       continue;
-    r = l2_offset_valid (img, l2, i);
+    r = l2_offset_valid (img, l2);
     if (r == 0)
       r = walk_l2 (img, l2, fn, opaque);
     if (r == 0)
@@ -332,7 +333,7 @@ recompute_copied (struct qcow2_image *img)
 
     if (!l2)
       continue;
-    r = l2_offset_valid (img, l2, i);
+    r = l2_offset_valid (img, l2);
     if (r == 0)
       r = qcow2_refcount_get (img, l2 >> img->cluster_bits, &rc);
     if (r < 0)
