@@ -241,6 +241,7 @@ void qcow2_set_error_handler (qcow2_error_fn fn, void *opaque);
 
 /* Compiled-in features, for --dump-plugin. */
 bool qcow2_have_zstd (void);
+bool qcow2_have_libdeflate (void);   /* faster deflate decoding */
 bool qcow2_have_crypto (void);
 
 /* Compression on write (like qemu-img convert -c).  Write one whole guest

@@ -236,6 +236,7 @@ qcow2_plugin_dump_plugin (void)
   printf ("qcow2_version=%s\n", PACKAGE_VERSION);
   printf ("qcow2_deflate=yes\n");
   printf ("qcow2_zstd=%s\n", qcow2_have_zstd () ? "yes" : "no");
+  printf ("qcow2_libdeflate=%s\n", qcow2_have_libdeflate () ? "yes" : "no");
   printf ("qcow2_crypto=%s\n", qcow2_have_crypto () ? "yes" : "no");
   printf ("qcow2_write=yes\n");
 }

@@ -6,7 +6,7 @@ set -euo pipefail
 packages=(
   # build
   gcc meson ninja-build pkg-config perl
-  nbdkit nbdkit-plugin-dev zlib1g-dev libzstd-dev libssl-dev
+  nbdkit nbdkit-plugin-dev zlib1g-dev libzstd-dev libdeflate-dev libssl-dev
   # the oracle and the clients used by tests, examples and bench/
   qemu-utils libnbd-bin python3-libnbd python3-pytest fio
   # fuzzing and sanitizer runtimes
