@@ -134,14 +134,8 @@ qcow2_write_compressed (struct qcow2_image *img, const void *buf,
   size_t clen;
   int r;
 
-  if (!w) {
-    qcow2_error ("%s: the image is open read-only", img->filename);
-    return -EROFS;
-  }
-  if (__atomic_load_n (&img->corrupt, __ATOMIC_ACQUIRE)) {
-    qcow2_error ("%s: the image is marked corrupt", img->filename);
-    return -EIO;
-  }
+  if ((r = qcow2_check_can_write (img)) < 0)
+    return r;
   if (!is_aligned (guest, cs) || guest >= img->h.size) {
     qcow2_error ("compressed write at %#" PRIx64 " is not at the start of "
                  "a cluster of the disk", guest);

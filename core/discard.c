@@ -201,14 +201,8 @@ zero_or_trim (struct qcow2_image *img, const struct request *rq,
   uint64_t end = offset + len, first, count;
   int r = 0;
 
-  if (!w) {
-    qcow2_error ("%s: the image is open read-only", img->filename);
-    return -EROFS;
-  }
-  if (__atomic_load_n (&img->corrupt, __ATOMIC_ACQUIRE)) {
-    qcow2_error ("%s: the image is marked corrupt", img->filename);
-    return -EIO;
-  }
+  if ((r = qcow2_check_can_write (img)) < 0)
+    return r;
   if (range_exceeds (offset, len, img->h.size)) {
     qcow2_error ("%s of %" PRIu64 " bytes at %" PRIu64
                  " is beyond the end of the disk", rq->op == OP_ZERO

@@ -358,6 +358,11 @@ int qcow2_entry_lookup (struct qcow2_image *img, uint64_t guest,
 int qcow2_entry_publish (struct qcow2_image *img, uint64_t guest,
                          uint64_t entry, uint64_t bitmap, bool release_old);
 
+/* write.c: 0 if requests may change the image; else the error, reported
+ * (read-only: -EROFS; marked corrupt: -EIO).
+ */
+int qcow2_check_can_write (struct qcow2_image *img);
+
 /* write.c: write through allocation, with the clusters' range locks held
  * exclusive by the caller.
  */
@@ -389,6 +394,8 @@ int qcow2_signal_corruption (struct qcow2_image *img, const char *fmt, ...)
  */
 int qcow2_grow_l1 (struct qcow2_image *img, uint64_t new_size,
                    uint32_t new_l1_size);
+/* resize.c: under the writer lock, set the header's disk size (synced). */
+int qcow2_write_disk_size (struct qcow2_image *img, uint64_t size);
 
 /* flush.c: under the writer lock. */
 int qcow2_sync_metadata (struct qcow2_image *img);

@@ -100,12 +100,29 @@ qcow2_grow_l1 (struct qcow2_image *img, uint64_t new_size, uint32_t new_l1_size)
 }
 
 int
+qcow2_write_disk_size (struct qcow2_image *img, uint64_t size)
+{
+  unsigned char hdr[8];
+  int r;
+
+  put_be64 (hdr, size);
+  r = qcow2_io_pwrite (img->io, hdr, sizeof hdr, 24);
+  if (r == 0)
+    r = qcow2_io_flush (img->io);
+  if (r == 0)
+    img->h.size = size;
+  else
+    qcow2_error ("%s: could not update the header: %s", img->filename,
+                 strerror (-r));
+  return r;
+}
+
+int
 qcow2_resize (struct qcow2_image *img, uint64_t new_size)
 {
   unsigned l2_shift = img->cluster_bits +
                       (unsigned) __builtin_ctzll (img->l2_entries);
   uint64_t needed;
-  unsigned char hdr[8];
   int r;
 
   if (!img->w || !qcow2_is_writable (img)) {
@@ -147,18 +164,8 @@ qcow2_resize (struct qcow2_image *img, uint64_t new_size)
   pthread_mutex_lock (&img->w->lock);
   if (needed > img->l1_size)
     r = qcow2_grow_l1 (img, new_size, (uint32_t) needed);
-  else {
-    /* The table already covers it: only the size changes. */
-    put_be64 (hdr, new_size);
-    r = qcow2_io_pwrite (img->io, hdr, sizeof hdr, 24);
-    if (r == 0)
-      r = qcow2_io_flush (img->io);
-    if (r == 0)
-      img->h.size = new_size;
-    else
-      qcow2_error ("%s: could not update the header: %s", img->filename,
-                   strerror (-r));
-  }
+  else
+    r = qcow2_write_disk_size (img, new_size);  /* the table covers it */
   pthread_mutex_unlock (&img->w->lock);
   return r;
 }

@@ -356,6 +356,23 @@ sync_twice (struct qcow2_image *img)
   return r == 0 ? qcow2_sync_metadata (img) : r;
 }
 
+/* After a release: once the lower refcounts are durable, clusters only
+ * the active image still uses regain COPIED.
+ */
+static int
+settle_copied (struct qcow2_image *img)
+{
+  int r = sync_twice (img);
+
+  if (r == 0)
+    r = recompute_copied (img);
+  if (r == 0)
+    r = write_active_l1 (img);
+  if (r == 0)
+    r = qcow2_sync_metadata (img);
+  return r;
+}
+
 /* --- The snapshot table --------------------------------------------- */
 
 /* Write snaps as the new snapshot table (QEMU's qcow2_write_snapshots):
@@ -470,19 +487,24 @@ new_id (const struct qcow2_image *img)
 
 /* --- The operations ------------------------------------------------- */
 
+/* Run an operation under the writer lock, on a writable sound image. */
 static int
-check_writable (struct qcow2_image *img, const char *what)
+run_locked (struct qcow2_image *img, const char *what,
+            int (*op) (struct qcow2_image *, const char *), const char *arg)
 {
+  int r;
+
   if (!img->w || !qcow2_is_writable (img)) {
     qcow2_error ("%s: %s a snapshot needs the image open read-write",
                  img->filename, what);
     return -EROFS;
   }
-  if (__atomic_load_n (&img->corrupt, __ATOMIC_ACQUIRE)) {
-    qcow2_error ("%s: the image is marked corrupt", img->filename);
-    return -EIO;
-  }
-  return 0;
+  if ((r = qcow2_check_can_write (img)) < 0)
+    return r;
+  pthread_mutex_lock (&img->w->lock);
+  r = op (img, arg);
+  pthread_mutex_unlock (&img->w->lock);
+  return r;
 }
 
 static int
@@ -608,14 +630,7 @@ create_locked (struct qcow2_image *img, const char *name)
 int
 qcow2_snapshot_create (struct qcow2_image *img, const char *name)
 {
-  int r = check_writable (img, "creating");
-
-  if (r < 0)
-    return r;
-  pthread_mutex_lock (&img->w->lock);
-  r = create_locked (img, name);
-  pthread_mutex_unlock (&img->w->lock);
-  return r;
+  return run_locked (img, "creating", create_locked, name);
 }
 
 static int
@@ -659,31 +674,13 @@ delete_locked (struct qcow2_image *img, const char *name_or_id)
     r = qcow2_free_later (img, victim.l1_table_offset,
                           (uint64_t) victim.l1_size * 8);
   free (l1);
-  /* Clusters only the active image still uses regain COPIED, once their
-   * lower refcounts are durable.
-   */
-  if (r == 0)
-    r = sync_twice (img);
-  if (r == 0)
-    r = recompute_copied (img);
-  if (r == 0)
-    r = write_active_l1 (img);
-  if (r == 0)
-    r = qcow2_sync_metadata (img);
-  return r;
+  return r == 0 ? settle_copied (img) : r;
 }
 
 int
 qcow2_snapshot_delete (struct qcow2_image *img, const char *name_or_id)
 {
-  int r = check_writable (img, "deleting");
-
-  if (r < 0)
-    return r;
-  pthread_mutex_lock (&img->w->lock);
-  r = delete_locked (img, name_or_id);
-  pthread_mutex_unlock (&img->w->lock);
-  return r;
+  return run_locked (img, "deleting", delete_locked, name_or_id);
 }
 
 static int
@@ -695,7 +692,6 @@ apply_locked (struct qcow2_image *img, const char *name_or_id)
   const struct qcow2_snapshot *sn;
   uint64_t *sn_l1 = NULL, *old_l1 = NULL, needed, disk_size;
   uint32_t sn_l1_size, old_l1_size;
-  unsigned char hdr[8];
   int r;
 
   if (index < 0) {
@@ -757,17 +753,8 @@ apply_locked (struct qcow2_image *img, const char *name_or_id)
                       i < sn_l1_size ? sn_l1[i] & ~QCOW2_OFLAG_COPIED : 0,
                       __ATOMIC_RELEASE);
   r = write_active_l1 (img);
-  if (r == 0 && disk_size != img->h.size) {
-    put_be64 (hdr, disk_size);
-    r = qcow2_io_pwrite (img->io, hdr, sizeof hdr, 24);
-    if (r == 0)
-      r = qcow2_io_flush (img->io);
-    if (r == 0)
-      img->h.size = disk_size;
-    else
-      qcow2_error ("%s: could not update the header: %s", img->filename,
-                   strerror (-r));
-  }
+  if (r == 0 && disk_size != img->h.size)
+    r = qcow2_write_disk_size (img, disk_size);
   if (r < 0) {
     /* Which L1 (or size) the disk now holds is unknown: stop all
      * writing rather than guess.
@@ -780,13 +767,7 @@ apply_locked (struct qcow2_image *img, const char *name_or_id)
   /* The old active tree lost its user. */
   r = release_all (img, old_l1, old_l1_size);
   if (r == 0)
-    r = sync_twice (img);
-  if (r == 0)
-    r = recompute_copied (img);
-  if (r == 0)
-    r = write_active_l1 (img);
-  if (r == 0)
-    r = qcow2_sync_metadata (img);
+    r = settle_copied (img);
 
  out:
   free (sn_l1);
@@ -797,12 +778,5 @@ apply_locked (struct qcow2_image *img, const char *name_or_id)
 int
 qcow2_snapshot_apply (struct qcow2_image *img, const char *name_or_id)
 {
-  int r = check_writable (img, "applying");
-
-  if (r < 0)
-    return r;
-  pthread_mutex_lock (&img->w->lock);
-  r = apply_locked (img, name_or_id);
-  pthread_mutex_unlock (&img->w->lock);
-  return r;
+  return run_locked (img, "applying", apply_locked, name_or_id);
 }

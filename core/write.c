@@ -111,6 +111,20 @@ write_host (struct qcow2_image *img, const unsigned char *buf, uint64_t len,
   return r;
 }
 
+int
+qcow2_check_can_write (struct qcow2_image *img)
+{
+  if (!img->w) {
+    qcow2_error ("%s: the image is open read-only", img->filename);
+    return -EROFS;
+  }
+  if (__atomic_load_n (&img->corrupt, __ATOMIC_ACQUIRE)) {
+    qcow2_error ("%s: the image is marked corrupt", img->filename);
+    return -EIO;
+  }
+  return 0;
+}
+
 /* Write in place the prefix of [offset, offset + len) that is exclusively
  * owned data.  Sets *done to the bytes written.
  */
@@ -338,14 +352,8 @@ qcow2_write (struct qcow2_image *img, const void *buf, uint64_t len,
   bool in_place_excl;
   int r;
 
-  if (!w) {
-    qcow2_error ("%s: the image is open read-only", img->filename);
-    return -EROFS;
-  }
-  if (__atomic_load_n (&img->corrupt, __ATOMIC_ACQUIRE)) {
-    qcow2_error ("%s: the image is marked corrupt", img->filename);
-    return -EIO;
-  }
+  if ((r = qcow2_check_can_write (img)) < 0)
+    return r;
   if (range_exceeds (offset, len, img->h.size)) {
     qcow2_error ("write of %" PRIu64 " bytes at %" PRIu64
                  " is beyond the end of the disk (%" PRIu64 " bytes)",

@@ -212,6 +212,18 @@ def header_compression_type(image):
 # --------------------------------------------------------------------------
 # nbdcopy into the filter, like qemu-img convert -c
 
+def copy_in(tmp_path, source, img, size):
+    """nbdcopy the first size bytes of source into img through the filter;
+    then the image must check clean and read exactly those bytes."""
+    src = tmp_path / "src.raw"
+    with open(source, "rb") as f:
+        src.write_bytes(f.read(size))
+    nbdcopy_in(src, img)
+    assert_clean(img)
+    assert_identical(img, src)
+    return src
+
+
 @pytest.mark.parametrize("cluster", CLUSTERS)
 @pytest.mark.parametrize("compression", COMPRESSION)
 def test_nbdcopy_like_qemu_img_convert_c(tmp_path, source, compression,
@@ -423,12 +435,7 @@ def test_disk_size_not_cluster_aligned(tmp_path, source):
     rounds the size up to 512 bytes; nbdcopy zeroes the rest.)"""
     size = 2 * M + 12345
     img = create(tmp_path / "out.qcow2", size)
-    src = tmp_path / "src.raw"
-    with open(source, "rb") as f:
-        src.write_bytes(f.read(size))
-    nbdcopy_in(src, img)
-    assert_clean(img)
-    assert_identical(img, src)
+    copy_in(tmp_path, source, img, size)
     assert qemu_map(img)[-1][2] == "compressed"
 
 
@@ -436,12 +443,7 @@ def test_extended_l2(tmp_path, source):
     """QEMU allows compressed clusters with extended L2 (bitmap 0)."""
     img = create(tmp_path / "out.qcow2", 16 * M, "extended_l2=on",
                  "cluster_size=131072")
-    src = tmp_path / "src.raw"
-    with open(source, "rb") as f:
-        src.write_bytes(f.read(16 * M))
-    nbdcopy_in(src, img)
-    assert_clean(img)
-    assert_identical(img, src)
+    copy_in(tmp_path, source, img, 16 * M)
     assert_regions(img, 16 * M)
 
 
@@ -449,12 +451,7 @@ def test_refcount_bits_1(tmp_path, source):
     """Refcounts of one bit cannot share a host cluster between
     compressed clusters: each takes its own."""
     img = create(tmp_path / "out.qcow2", 8 * M, "refcount_bits=1")
-    src = tmp_path / "src.raw"
-    with open(source, "rb") as f:
-        src.write_bytes(f.read(8 * M))
-    nbdcopy_in(src, img)
-    assert_clean(img)
-    assert_identical(img, src)
+    copy_in(tmp_path, source, img, 8 * M)
     assert_regions(img, 8 * M)
 
 
@@ -488,12 +485,7 @@ def test_external_data_file_writes_uncompressed(tmp_path, source,
     """QEMU allows no compressed clusters with a data file: plain writes."""
     monkeypatch.chdir(tmp_path)   # QEMU resolves data_file against the cwd
     img = create(tmp_path / "out.qcow2", 8 * M, "data_file=out.data")
-    src = tmp_path / "src.raw"
-    with open(source, "rb") as f:
-        src.write_bytes(f.read(8 * M))
-    nbdcopy_in(src, img)
-    assert_clean(img)
-    assert_identical(img, src)
+    copy_in(tmp_path, source, img, 8 * M)
     assert "compressed" not in {k for _, _, k in qemu_map(img)}
 
 
@@ -521,12 +513,7 @@ def test_encrypted_image_writes_uncompressed(tmp_path, source):
 def test_v2_image(tmp_path, source):
     """compat=0.10: no zero flag, no compression type field: deflate."""
     img = create(tmp_path / "out.qcow2", 8 * M, "compat=0.10")
-    src = tmp_path / "src.raw"
-    with open(source, "rb") as f:
-        src.write_bytes(f.read(8 * M))
-    nbdcopy_in(src, img)
-    assert_clean(img)
-    assert_identical(img, src)
+    copy_in(tmp_path, source, img, 8 * M)
     assert_regions(img, 8 * M)
 
 
