@@ -176,7 +176,8 @@ def test_passphrase_fd_via_shell_redirect(tmp_path, default_image):
         ["bash", "-c", 'nbdkit -U - "$0" file="$1" passphrase=-3 '
          '--run "nbdcopy \\"\\$uri\\" $2" 3<"$3"',
          PLUGIN, str(img), str(out), str(pw)],
-        text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60,
+        env=nbdkit_env())
     assert p.returncode == 0, p.stderr
     assert_files_equal(out, raw)
 
