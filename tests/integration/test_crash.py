@@ -180,10 +180,10 @@ class Image:
 
 
 class Worker(threading.Thread):
-    def __init__(self, h, model, rnd, nblocks, stop, flush_p):
+    def __init__(self, h, model, rnd, nblocks, stop, killing, flush_p):
         super().__init__()
         self.h, self.m, self.rnd, self.nblocks = h, model, rnd, nblocks
-        self.stop, self.flush_p = stop, flush_p
+        self.stop, self.killing, self.flush_p = stop, killing, flush_p
         self.error = None
 
     def extent(self, big):
@@ -238,7 +238,9 @@ class Worker(threading.Thread):
                     h.trim(length, off)
                 m.complete(first, n, recs)
         except nbd.Error as e:
-            if not self.stop.is_set():
+            # Set just before the SIGKILL: a failure after it may be the
+            # kill (checking `stop`, set after the kill, raced with it).
+            if not self.killing.is_set():
                 self.error = e
 
 
@@ -256,15 +258,16 @@ def server_pid(srv):
 
 def crash_round(img, model, rnd, nconn=3, flush_p=0.07):
     """Run the workload and SIGKILL the server at a random moment."""
-    stop = threading.Event()
+    stop, killing = threading.Event(), threading.Event()
     with serve(img.path) as srv:
         pid = server_pid(srv)
         handles = [srv.connect() for _ in range(nconn)]
         workers = [Worker(h, model, random.Random(rnd.random()), img.nblocks,
-                          stop, flush_p) for h in handles]
+                          stop, killing, flush_p) for h in handles]
         for w in workers:
             w.start()
         time.sleep(rnd.uniform(0.1, 1.2))
+        killing.set()
         os.kill(pid, signal.SIGKILL)
         # Requests that fail from now on are in flight: they may or may
         # not have reached the disk.
