@@ -36,6 +36,7 @@ struct shard {
 
 struct qcow2_cache {
   struct qcow2_io *io;
+  size_t dirty_limit;           /* see qcow2_cache_dirty_limit */
   qcow2_cache_write_check write_check;
   void *write_check_opaque;
   size_t slice_size;
@@ -125,6 +126,8 @@ qcow2_cache_new (struct qcow2_io *io, size_t slice_size, size_t capacity)
   while ((1ull << c->slice_shift) < slice_size)
     c->slice_shift++;
   c->nshards = nshards;
+  c->dirty_limit = capacity / 2 > QCOW2_CACHE_DIRTY_MIN
+                   ? capacity / 2 : QCOW2_CACHE_DIRTY_MIN;
   for (size_t i = 0; i < nshards; i++) {
     struct shard *s = &c->shards[i];
     s->capacity = capacity / nshards;
@@ -353,12 +356,7 @@ qcow2_cache_mark_dirty (struct qcow2_cache *c, struct qcow2_slice *slice)
 size_t
 qcow2_cache_dirty_limit (const struct qcow2_cache *c)
 {
-  size_t capacity = 0;
-
-  for (size_t i = 0; i < c->nshards; i++)
-    capacity += c->shards[i].capacity;
-  return capacity / 2 > QCOW2_CACHE_DIRTY_MIN ? capacity / 2
-                                              : QCOW2_CACHE_DIRTY_MIN;
+  return c->dirty_limit;
 }
 
 size_t

@@ -75,10 +75,8 @@ count_l2 (struct check *x, uint64_t l2_offset)
                             img->extended_l2 ? qcow2_l2_load (p + 8) : 0,
                             &st);
       if (st.compressed) {
-        uint64_t desc = st.entry & ~(QCOW2_OFLAG_COPIED |
-                                     QCOW2_OFLAG_COMPRESSED);
-        uint64_t coffset = desc & img->coffset_mask;
-        uint64_t nsec = ((desc >> img->csize_shift) & img->csize_mask) + 1;
+        uint64_t coffset, nsec;
+        qcow2_compressed_extent (img, st.entry, &coffset, &nsec);
         count (x, align_down (coffset, 512), nsec * 512, "compressed data");
       }
       else if (st.allocated && !img->external_data) {

@@ -188,9 +188,8 @@ static int
 release_entry (struct qcow2_image *img, const struct qcow2_entry *old)
 {
   if (old->compressed) {
-    uint64_t desc = old->entry & ~(QCOW2_OFLAG_COPIED | QCOW2_OFLAG_COMPRESSED);
-    uint64_t coffset = desc & img->coffset_mask;
-    uint64_t nsectors = ((desc >> img->csize_shift) & img->csize_mask) + 1;
+    uint64_t coffset, nsectors;
+    qcow2_compressed_extent (img, old->entry, &coffset, &nsectors);
     return qcow2_free_later (img, align_down (coffset, 512), nsectors * 512);
   }
   if (old->allocated && !img->external_data)

@@ -122,6 +122,9 @@ int qcow2_snapshots_serialize (const struct qcow2_snapshot *snaps,
  */
 int64_t qcow2_snapshot_find (const struct qcow2_image *img,
                              const char *name_or_id);
+/* The same for a snapshot that must exist: -ENOENT, reported, if none. */
+int64_t qcow2_snapshot_lookup (const struct qcow2_image *img,
+                               const char *name_or_id);
 /* Check a snapshot's L1 table as QEMU does when a snapshot is used
  * (aligned, at most 32 MiB, inside the file; disk size sane) and load
  * it in host byte order.  *l1_out is malloc'd.
@@ -453,6 +456,19 @@ qcow2_l2_load_pair (const struct qcow2_image *img, const unsigned char *p,
     if (spins >= 64)
       sched_yield ();   /* the writer was preempted between its stores */
   }
+}
+
+/* Where the bytes of a compressed cluster are, from its L2 entry: the
+ * first byte at *coffset, in *nsectors 512-byte sectors counted from the
+ * sector holding it (the unit QEMU and check.c count references by).
+ * The flags (bits 62, 63) lie outside both fields.
+ */
+static inline void
+qcow2_compressed_extent (const struct qcow2_image *img, uint64_t entry,
+                         uint64_t *coffset, uint64_t *nsectors)
+{
+  *coffset = entry & img->coffset_mask;
+  *nsectors = ((entry >> img->csize_shift) & img->csize_mask) + 1;
 }
 
 /* Atomic view of the mutable sizes and table entries. */

@@ -102,13 +102,13 @@ static int
 read_compressed (struct qcow2_image *img, unsigned char *buf, uint64_t len,
                  uint64_t desc, uint64_t guest)
 {
-  uint64_t coffset = desc & img->coffset_mask;
-  uint64_t nsectors = ((desc >> img->csize_shift) & img->csize_mask) + 1;
-  uint64_t csize = nsectors * 512 - (coffset & 511);
+  uint64_t coffset, nsectors, csize;
   uint64_t in_cluster = guest & (img->cluster_size - 1);
   unsigned char *in, *out;
   int r;
 
+  qcow2_compressed_extent (img, desc, &coffset, &nsectors);
+  csize = nsectors * 512 - (coffset & 511);
   if (coffset == 0 || coffset >= qcow2_file_size (img)) {
     qcow2_error ("compressed cluster at guest offset %#" PRIx64
                  " has invalid host offset %#" PRIx64, guest - in_cluster,

@@ -225,6 +225,19 @@ qcow2_snapshot_find (const struct qcow2_image *img, const char *name_or_id)
   return -1;
 }
 
+int64_t
+qcow2_snapshot_lookup (const struct qcow2_image *img, const char *name_or_id)
+{
+  int64_t i = qcow2_snapshot_find (img, name_or_id);
+
+  if (i < 0) {
+    qcow2_error ("%s: no snapshot with name or id '%s'", img->filename,
+                 name_or_id);
+    return -ENOENT;
+  }
+  return i;
+}
+
 int
 qcow2_snapshot_load_l1 (struct qcow2_image *img,
                         const struct qcow2_snapshot *sn, uint64_t **l1_out)

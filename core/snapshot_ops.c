@@ -76,9 +76,9 @@ entry_refs (struct qcow2_image *img, uint64_t entry, uint64_t *first,
   qcow2_entry_classify (img, entry, 0, &st);
   *count = 0;
   if (st.compressed) {
-    uint64_t desc = entry & ~(QCOW2_OFLAG_COPIED | QCOW2_OFLAG_COMPRESSED);
-    uint64_t start = align_down (desc & img->coffset_mask, 512);
-    uint64_t nsec = ((desc >> img->csize_shift) & img->csize_mask) + 1;
+    uint64_t coffset, nsec, start;
+    qcow2_compressed_extent (img, entry, &coffset, &nsec);
+    start = align_down (coffset, 512);
     *first = start >> img->cluster_bits;
     *count = ((start + nsec * 512 - 1) >> img->cluster_bits) - *first + 1;
   }
@@ -636,17 +636,14 @@ qcow2_snapshot_create (struct qcow2_image *img, const char *name)
 static int
 delete_locked (struct qcow2_image *img, const char *name_or_id)
 {
-  int64_t index = qcow2_snapshot_find (img, name_or_id);
+  int64_t index = qcow2_snapshot_lookup (img, name_or_id);
   uint32_t n = img->nb_snapshots;
   struct qcow2_snapshot *snaps, victim;
   uint64_t *l1 = NULL;
   int r;
 
-  if (index < 0) {
-    qcow2_error ("%s: no snapshot with name or id '%s'", img->filename,
-                 name_or_id);
-    return -ENOENT;
-  }
+  if (index < 0)
+    return (int) index;
   r = qcow2_snapshot_load_l1 (img, &img->snapshots[index], &l1);
   if (r < 0)
     return r;
@@ -686,7 +683,7 @@ qcow2_snapshot_delete (struct qcow2_image *img, const char *name_or_id)
 static int
 apply_locked (struct qcow2_image *img, const char *name_or_id)
 {
-  int64_t index = qcow2_snapshot_find (img, name_or_id);
+  int64_t index = qcow2_snapshot_lookup (img, name_or_id);
   unsigned l2_shift = img->cluster_bits +
                       (unsigned) __builtin_ctzll (img->l2_entries);
   const struct qcow2_snapshot *sn;
@@ -694,11 +691,8 @@ apply_locked (struct qcow2_image *img, const char *name_or_id)
   uint32_t sn_l1_size, old_l1_size;
   int r;
 
-  if (index < 0) {
-    qcow2_error ("%s: no snapshot with name or id '%s'", img->filename,
-                 name_or_id);
-    return -ENOENT;
-  }
+  if (index < 0)
+    return (int) index;
   sn = &img->snapshots[index];
   r = qcow2_snapshot_load_l1 (img, sn, &sn_l1);
   if (r < 0)

@@ -48,17 +48,15 @@ int
 qcow2_view_open (struct qcow2_image *img, const char *name_or_id,
                  struct qcow2_view **view_out)
 {
-  int64_t i = qcow2_snapshot_find (img, name_or_id);
-  const struct qcow2_snapshot *sn = i >= 0 ? &img->snapshots[i] : NULL;
+  int64_t i = qcow2_snapshot_lookup (img, name_or_id);
+  const struct qcow2_snapshot *sn;
   struct qcow2_view *v;
   int r;
 
   *view_out = NULL;
-  if (!sn) {
-    qcow2_error ("%s: no snapshot with name or id '%s'", img->filename,
-                 name_or_id);
-    return -ENOENT;
-  }
+  if (i < 0)
+    return (int) i;
+  sn = &img->snapshots[i];
   v = calloc (1, sizeof *v);
   if (!v)
     return -ENOMEM;

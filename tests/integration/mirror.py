@@ -32,7 +32,7 @@ import threading
 import nbd
 import pytest
 
-from conftest import qemu_img, serve as rw_serve
+from conftest import extents, qemu_img, serve as rw_serve
 from images import read_header, serve as ro_serve
 
 K = 1024
@@ -448,21 +448,7 @@ class Driver:
 def extents_sane(h, mirror, what=""):
     """Nothing that holds nonzero bytes is reported as a hole or zero."""
     size = len(mirror)
-    offset = 0
-    out = []
-
-    def cb(meta, off, entries, err):
-        pos = off
-        for i in range(0, len(entries), 2):
-            out.append((pos, entries[i], entries[i + 1]))
-            pos += entries[i]
-        return 0
-
-    while offset < size:
-        before = len(out)
-        h.block_status(size - offset, offset, cb)
-        assert len(out) > before
-        offset = out[-1][0] + out[-1][1]
+    out = extents(h, 0, size)
     pos = 0
     for off, ln, fl in out:
         assert off == pos
