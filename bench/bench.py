@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Side-by-side read benchmarks: nbdkit-qcow2-plugin vs qemu-nbd vs raw.
+"""Side-by-side benchmarks: nbdkit-qcow2-plugin vs qemu-nbd vs raw.
 
 Builds a set of test images in a temporary directory, serves each one in
 turn with
@@ -11,7 +11,9 @@ turn with
 
 over a private Unix socket, drives each server with fio's nbd engine and
 prints one table row per workload with IOPS and MiB/s per server and the
-ratios plugin/qemu-nbd and plugin/file-raw.  See bench/README.md.
+ratios plugin/qemu-nbd and plugin/file-raw.  The compression rows time
+nbdcopy into nbdkit-qcow2-compress-filter against qemu-img convert -c on
+the same source instead (see COMPRESS_ROWS).  See bench/README.md.
 
 Run it through bench/run.sh, or directly with Debian's /usr/bin/python3.
 Only the standard library is used.
@@ -36,6 +38,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PLUGIN = os.path.join(ROOT, "build", "plugin",
                               "nbdkit-qcow2-plugin.so")
+DEFAULT_COMPRESS_FILTER = os.path.join(ROOT, "build", "filters", "compress",
+                                       "nbdkit-qcow2-compress-filter.so")
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -49,7 +53,7 @@ GiB = 1 << 30
 @dataclasses.dataclass(frozen=True)
 class Image:
     name: str
-    qcow2: str          # file name in the work directory
+    qcow2: str          # file name in the work directory ("": none)
     raw: str            # raw file with the same content
     what: str           # one line for the report
 
@@ -74,6 +78,11 @@ IMAGES = {
         "extl2-overlay", "extl2-overlay.qcow2", "random.raw",
         "empty qcow2 overlay with extended L2 entries (64k clusters, 2k "
         "subclusters) over full.qcow2"),
+    # For the compression rows: only a raw source.
+    "mixed": Image(
+        "mixed", "", "mixed.raw",
+        "raw source for the compression rows: text-like data with every "
+        "eighth MiB zeros and every eighth MiB random, like a used disk"),
 }
 
 
@@ -116,6 +125,38 @@ ROWS = [
     Row("randwrite-4k-extl2-cow", "extl2-overlay", "randwrite", "4k",
         iodepth=16, write=True),
 ]
+
+
+# Compression rows: writing a compressed image from a raw source.  These
+# are not fio runs; each server column is one timed copy of the whole
+# mixed source:
+#
+#   plugin    nbdcopy SRC -- [ nbdkit --filter=qcow2-compress PLUGIN NEW ]
+#             into a new, empty qcow2
+#   qemu-nbd  qemu-img convert -c -O qcow2 SRC NEW: QEMU's own way to write
+#             a compressed image (qemu-nbd cannot compress writes)
+#   file-raw  nbdcopy SRC -- [ nbdkit file NEW.raw ]: the same copy without
+#             compression, what the copy costs when nothing is encoded
+#
+# with the same cluster size and compression type for both qcow2 images.
+# Both are checked with qemu-img check and qemu-img compare against the
+# source (CORRUPT otherwise); the file sizes go into a second table.
+
+@dataclasses.dataclass(frozen=True)
+class CompressRow:
+    name: str
+    ctype: str              # qemu-img's compression_type: zlib or zstd
+    image: str = "mixed"
+    write: bool = True
+    cluster_size: int = 65536
+
+
+COMPRESS_ROWS = [
+    CompressRow("compress-deflate", "zlib"),
+    CompressRow("compress-zstd", "zstd"),
+]
+
+ALL_ROWS = ROWS + COMPRESS_ROWS
 
 SERVERS = ["plugin", "qemu-nbd", "file-raw"]
 
@@ -194,6 +235,17 @@ def make_text_raw(path, size):
             left -= n
 
 
+def make_mixed_raw(path, size):
+    """make_text_raw with every eighth MiB zeros and every eighth random."""
+    make_text_raw(path, size)
+    rnd = random.Random(7)
+    with open(path, "r+b") as f:
+        for i in range(size // MiB):
+            if i % 8 in (3, 6):
+                f.seek(i * MiB)
+                f.write(bytes(MiB) if i % 8 == 3 else rnd.randbytes(MiB))
+
+
 def qemu_img(*args):
     run(["qemu-img", *args], stdout=subprocess.DEVNULL)
 
@@ -218,6 +270,8 @@ class Images:
             make_random_raw(p, self.size)
         elif name == "text.raw":
             make_text_raw(p, self.size)
+        elif name == "mixed.raw":
+            make_mixed_raw(p, self.size)
         elif name == "empty.raw":
             with open(p, "wb") as f:
                 f.truncate(self.size)
@@ -250,12 +304,13 @@ class Images:
             f"MiB on disk) in {time.time() - t:.1f} s")
 
     def build(self, image):
-        self._build_file(image.qcow2)
+        if image.qcow2:
+            self._build_file(image.qcow2)
         self._build_file(image.raw)
 
     def files(self, image):
         """Every file a server of this image reads (for the warm-up)."""
-        names = [image.qcow2, image.raw]
+        names = [n for n in (image.qcow2, image.raw) if n]
         if image.name in ("overlay", "extl2-overlay"):
             names.append("full.qcow2")
         return [self.path(n) for n in names]
@@ -272,6 +327,10 @@ class Images:
             run(["cp", "--reflink=auto", "--sparse=always", self.path(n),
                  dst])
             out.append(dst)
+        # Write the copies back now: otherwise the kernel's flusher writes
+        # cp's gigabyte back during some server's measurement and not
+        # another's, taking a CPU from it.
+        run(["sync", "--data", *out])
         return tuple(out)
 
 
@@ -415,13 +474,7 @@ def run_one(row, server, images, image, sock, uri, plugin, serverlog,
             result = fio(uri, row, runtime, ramp, row.name)
         # The server has stopped (and synced): is the image still sound?
         if row.write and server != "file-raw":
-            p = subprocess.run(["qemu-img", "check", "-q", qcow2_path],
-                               stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-            result["check"] = "clean" if p.returncode == 0 else "CORRUPT"
-            if p.returncode != 0:
-                log(f"bench: {row.name} on {server}: qemu-img check exit "
-                    f"{p.returncode}: {p.stdout.strip()[:500]}")
+            result["check"] = check_image(qcow2_path)
         return result
     finally:
         if row.write:
@@ -430,12 +483,66 @@ def run_one(row, server, images, image, sock, uri, plugin, serverlog,
                     os.unlink(p)
 
 
+def check_image(qcow2_path, source=None):
+    """'clean' if qemu-img check (and compare with source) pass."""
+    cmds = [["qemu-img", "check", "-q", qcow2_path]]
+    if source:
+        cmds.append(["qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2",
+                     source, qcow2_path])
+    for cmd in cmds:
+        p = subprocess.run(cmd, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+        if p.returncode != 0:
+            log(f"bench: {' '.join(cmd)}: exit {p.returncode}: "
+                f"{p.stdout.strip()[:500]}")
+            return "CORRUPT"
+    return "clean"
+
+
+def run_compress(row, server, images, plugin, compress_filter, note):
+    """One timed copy of the mixed source (see COMPRESS_ROWS)."""
+    src = images.path(IMAGES[row.image].raw)
+    ext = "raw" if server == "file-raw" else "qcow2"
+    out = images.path(f"{row.name}-{server}.{ext}")
+    opts = f"compression_type={row.ctype},cluster_size={row.cluster_size}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(out)
+    if server == "qemu-nbd":
+        cmd = ["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2",
+               "-o", opts, src, out]
+    else:
+        if server == "plugin":
+            qemu_img("create", "-f", "qcow2", "-o", opts, out,
+                     str(images.size))
+            target = ["nbdkit", "--filter=" + compress_filter, plugin, out]
+        else:
+            with open(out, "wb") as f:
+                f.truncate(images.size)
+            target = ["nbdkit", "file", out]
+        cmd = ["nbdcopy", src, "--", "[", *target, "]"]
+    log(f"bench: {row.name} on {server}{note} ...")
+    try:
+        t = time.monotonic()
+        run(cmd, stdout=subprocess.DEVNULL)
+        secs = time.monotonic() - t
+        st = os.stat(out)
+        result = {"iops": None, "mib_s": images.size / MiB / secs,
+                  "seconds": secs, "file_mib": st.st_size / MiB,
+                  "disk_mib": st.st_blocks * 512 / MiB}
+        if server != "file-raw":
+            result["check"] = check_image(out, src)
+        return result
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(out)
+
+
 def median_result(samples):
-    """The sample with the median IOPS, plus every sample's IOPS."""
-    ordered = sorted(samples, key=lambda r: r["iops"])
+    """The sample with the median throughput, plus every sample's."""
+    ordered = sorted(samples, key=lambda r: r["mib_s"])
     mid = dict(ordered[(len(ordered) - 1) // 2])
     if len(samples) > 1:
-        mid["samples_iops"] = [r["iops"] for r in samples]
+        mid["samples_mib_s"] = [r["mib_s"] for r in samples]
     if any(r.get("check") == "CORRUPT" for r in samples):
         mid["check"] = "CORRUPT"
     return mid
@@ -452,7 +559,9 @@ def fmt_iops(x, res=None):
     return f"{x:,.0f}"
 
 
-def fmt_mib(x):
+def fmt_mib(x, res=None):
+    if res and res.get("check") == "CORRUPT" and res.get("iops") is None:
+        return "CORRUPT"
     if x is None:
         return "-"
     return f"{x:,.1f}" if x < 100 else f"{x:,.0f}"
@@ -464,11 +573,11 @@ def fmt_ratio(x):
 
 def ratio(results, a, b):
     ra, rb = results.get(a), results.get(b)
-    if not ra or not rb or not rb["iops"]:
+    if not ra or not rb or not rb["mib_s"]:
         return None
     if "CORRUPT" in (ra.get("check"), rb.get("check")):
         return None     # a fast wrong answer does not count
-    return ra["iops"] / rb["iops"]
+    return ra["mib_s"] / rb["mib_s"]
 
 
 def table(rows_out, servers):
@@ -485,7 +594,7 @@ def table(rows_out, servers):
         for s in servers:
             res = r["results"].get(s)
             line += [fmt_iops(res and res["iops"], res),
-                     fmt_mib(res and res["mib_s"])]
+                     fmt_mib(res and res["mib_s"], res)]
         line += [fmt_ratio(r["plugin/qemu-nbd"]),
                  fmt_ratio(r["plugin/file-raw"])]
         body.append(line)
@@ -500,6 +609,23 @@ def table(rows_out, servers):
     lines = [render(head1), render(head2),
              "  ".join("-" * w for w in widths)]
     lines += [render(b) for b in body]
+    return "\n".join(lines)
+
+
+def size_table(rows_out):
+    """File sizes of the compression rows (compression ratio vs QEMU)."""
+    rows = [r for r in rows_out if "size plugin/qemu-img" in r]
+    if not rows:
+        return ""
+    lines = [f"{'compressed image':24}  {'plugin MiB':>10}  "
+             f"{'qemu-img MiB':>12}  {'plugin/qemu-img':>15}"]
+    def mib(res):
+        return "-" if not res else f"{res['file_mib']:,.1f}"
+
+    for r in rows:
+        p, q = r["results"].get("plugin"), r["results"].get("qemu-nbd")
+        lines.append(f"{r['workload']:24}  {mib(p):>10}  {mib(q):>12}  "
+                     f"{fmt_ratio(r['size plugin/qemu-img']):>15}")
     return "\n".join(lines)
 
 
@@ -552,6 +678,10 @@ def main():
             print(f"{r.name:24} image={r.image} rw={r.rw} bs={r.bs} "
                   f"iodepth={r.iodepth} numjobs={r.numjobs}"
                   f"{' write' if r.write else ''}")
+        for r in COMPRESS_ROWS:
+            print(f"{r.name:24} image={r.image} compression_type={r.ctype} "
+                  f"cluster_size={r.cluster_size} (nbdcopy / qemu-img "
+                  f"convert -c)")
         return 0
 
     runtime = args.runtime or (3 if args.quick else 10)
@@ -559,19 +689,23 @@ def main():
         sys.exit("bench: --repeat must be at least 1")
     size = parse_size(args.size)
     plugin = os.path.abspath(os.environ.get("QCOW2_PLUGIN", DEFAULT_PLUGIN))
+    compress_filter = os.path.abspath(os.environ.get(
+        "QCOW2_COMPRESS_FILTER",
+        os.path.join(os.path.dirname(os.path.dirname(plugin)), "filters",
+                     "compress", "nbdkit-qcow2-compress-filter.so")))
     servers = [s for s in args.servers.split(",") if s]
     for s in servers:
         if s not in SERVERS:
             sys.exit(f"bench: unknown server {s!r} (known: "
                      f"{', '.join(SERVERS)})")
-    rows = ROWS
+    rows = ALL_ROWS
     if args.rows:
         want = args.rows.split(",")
-        known = {r.name for r in ROWS}
+        known = {r.name for r in ALL_ROWS}
         for w in want:
             if w not in known:
                 sys.exit(f"bench: unknown row {w!r} (see --list)")
-        rows = [r for r in ROWS if r.name in want]
+        rows = [r for r in ALL_ROWS if r.name in want]
 
     for prog in ("nbdkit", "qemu-img", "fio"):
         need(prog)
@@ -580,6 +714,11 @@ def main():
     if "plugin" in servers and not os.path.exists(plugin):
         sys.exit(f"bench: plugin {plugin} not found: build it "
                  "(ninja -C build) or set QCOW2_PLUGIN")
+    if any(isinstance(r, CompressRow) for r in rows):
+        need("nbdcopy")
+        if "plugin" in servers and not os.path.exists(compress_filter):
+            sys.exit(f"bench: filter {compress_filter} not found: build it "
+                     "(ninja -C build) or set QCOW2_COMPRESS_FILTER")
 
     features = plugin_features(plugin) if "plugin" in servers else {}
     if "plugin" in servers and features.get("qcow2_write") != "yes":
@@ -615,7 +754,7 @@ def main():
                     images.built.add(n)
         for img in IMAGES.values():
             p = images.path(img.qcow2)
-            if os.path.exists(p):
+            if img.qcow2 and os.path.exists(p):
                 info = json.loads(run(
                     ["qemu-img", "info", "--output=json", "-U", p],
                     stdout=subprocess.PIPE, text=True).stdout)
@@ -633,24 +772,38 @@ def main():
             # Repetitions go round the servers in turn, so slow drifts of
             # the machine hit every server alike.
             for rep in range(args.repeat):
+                note = (f" (run {rep + 1}/{args.repeat})"
+                        if args.repeat > 1 else "")
                 for server in servers:
-                    samples[server].append(run_one(
-                        row, server, images, image, sock, uri, plugin,
-                        serverlog, runtime, args.ramp,
-                        f" (run {rep + 1}/{args.repeat})"
-                        if args.repeat > 1 else ""))
+                    if isinstance(row, CompressRow):
+                        res = run_compress(row, server, images, plugin,
+                                           compress_filter, note)
+                    else:
+                        res = run_one(row, server, images, image, sock, uri,
+                                      plugin, serverlog, runtime, args.ramp,
+                                      note)
+                    samples[server].append(res)
             results = {s: median_result(v) for s, v in samples.items()}
-            rows_out.append({
+            entry = {
                 "workload": row.name,
                 "image": image.name,
-                "fio": {"rw": row.rw, "bs": row.bs, "iodepth": row.iodepth,
-                        "numjobs": row.numjobs,
-                        "extra": list(row.fio_extra)},
                 "write": row.write,
                 "results": results,
                 "plugin/qemu-nbd": ratio(results, "plugin", "qemu-nbd"),
                 "plugin/file-raw": ratio(results, "plugin", "file-raw"),
-            })
+            }
+            if isinstance(row, CompressRow):
+                entry["compression"] = {"compression_type": row.ctype,
+                                      "cluster_size": row.cluster_size}
+                p, q = results.get("plugin"), results.get("qemu-nbd")
+                entry["size plugin/qemu-img"] = (
+                    p["file_mib"] / q["file_mib"] if p and q else None)
+            else:
+                entry["fio"] = {"rw": row.rw, "bs": row.bs,
+                              "iodepth": row.iodepth,
+                              "numjobs": row.numjobs,
+                              "extra": list(row.fio_extra)}
+            rows_out.append(entry)
     finally:
         shutil.rmtree(sockdir, ignore_errors=True)
         if cleanup:
@@ -661,8 +814,17 @@ def main():
     out = sys.stderr if args.json == "-" else sys.stdout
     print(table(rows_out, servers), file=out)
     print(file=out)
-    print(f"ratios are IOPS (= MiB/s) of the plugin divided by the other "
+    sizes = size_table(rows_out)
+    if sizes:
+        print(sizes, file=out)
+        print(file=out)
+    print(f"ratios are MiB/s (= IOPS) of the plugin divided by the other "
           f"server's; > 1 means the plugin is faster.", file=out)
+    if sizes:
+        print("compress-* rows: MiB/s of source copied; plugin = nbdcopy "
+              "into nbdkit-qcow2-compress-filter, qemu-nbd = qemu-img "
+              "convert -c, file-raw = nbdcopy to a raw file (no "
+              "compression).", file=out)
     print(f"{runtime:g} s per row and server after a {args.ramp:g} s ramp"
           + (f", median of {args.repeat} runs" if args.repeat > 1 else "")
           + f", {os.cpu_count()} CPUs, virtual disk {size / GiB:g} GiB.",
