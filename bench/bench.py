@@ -78,6 +78,11 @@ IMAGES = {
         "extl2-overlay", "extl2-overlay.qcow2", "random.raw",
         "empty qcow2 overlay with extended L2 entries (64k clusters, 2k "
         "subclusters) over full.qcow2"),
+    # For the memory row: far more L2 tables than any cache holds.
+    "sparse-1T": Image(
+        "sparse-1T", "sparse-1T.qcow2", "sparse-1T.raw",
+        "1 TiB qcow2 (64k clusters) with one allocated cluster in every "
+        "512 MiB: 2048 L2 tables, 128 MiB of them"),
     # For the compression rows: only a raw source.
     "mixed": Image(
         "mixed", "", "mixed.raw",
@@ -156,7 +161,27 @@ COMPRESS_ROWS = [
     CompressRow("compress-zstd", "zstd"),
 ]
 
-ALL_ROWS = ROWS + COMPRESS_ROWS
+
+# Memory row: how much memory each server keeps after random 4k reads
+# across a 1 TiB image whose L2 tables (128 MiB) cannot all be cached.  The
+# plugin runs twice, with its default cache-size and with cache-size=1M:
+# its resident size must follow cache-size, whatever the image size.  The
+# measure is the server's VmHWM (peak resident set) after the run.
+
+@dataclasses.dataclass(frozen=True)
+class MemoryRow:
+    name: str
+    image: str = "sparse-1T"
+    write: bool = False
+    plugin_params: tuple = ((), ("cache-size=1M",))
+
+
+MEMORY_ROWS = [MemoryRow("memory-1T")]
+MEMORY_FIO = Row("memory-1T", "sparse-1T", "randread", "4k", iodepth=16,
+                 numjobs=4)
+TiB = 1 << 40
+
+ALL_ROWS = ROWS + COMPRESS_ROWS + MEMORY_ROWS
 
 SERVERS = ["plugin", "qemu-nbd", "file-raw"]
 
@@ -272,6 +297,21 @@ class Images:
             make_text_raw(p, self.size)
         elif name == "mixed.raw":
             make_mixed_raw(p, self.size)
+        elif name == "sparse-1T.qcow2":
+            # One qemu-io run writing the first cluster of every 512 MiB.
+            qemu_img("create", "-f", "qcow2", "-o", "cluster_size=65536", p,
+                     str(TiB))
+            cmds = []
+            for i in range(TiB // (512 * MiB)):
+                cmds += ["-c", f"write -q -P {i % 255 + 1} {i * 512 * MiB} 64k"]
+            run(["qemu-io", "-f", "qcow2", *cmds, p],
+                stdout=subprocess.DEVNULL)
+        elif name == "sparse-1T.raw":
+            with open(p, "wb") as f:
+                f.truncate(TiB)
+                for i in range(TiB // (512 * MiB)):
+                    f.seek(i * 512 * MiB)
+                    f.write(bytes([i % 255 + 1]) * (64 << 10))
         elif name == "empty.raw":
             with open(p, "wb") as f:
                 f.truncate(self.size)
@@ -384,12 +424,13 @@ def wait_for_socket(sock, proc, what, timeout=60):
     raise RuntimeError(f"{what} did not start listening on {sock}")
 
 
-def server_command(server, sock, qcow2_path, raw_path, plugin, writable):
+def server_command(server, sock, qcow2_path, raw_path, plugin, writable,
+                   plugin_params=()):
     ro = [] if writable else ["-r"]
     nbdkit = ["nbdkit", "-f", "-U", sock, "-D", "nbdkit.backend.datapath=0",
               *ro]
     if server == "plugin":
-        return nbdkit + [plugin, "file=" + qcow2_path]
+        return nbdkit + [plugin, "file=" + qcow2_path, *plugin_params]
     if server == "qemu-nbd":
         # -t (--persistent): keep serving after the warm-up disconnects.
         return ["qemu-nbd", "-e", "8", "--cache=writeback",
@@ -481,6 +522,34 @@ def run_one(row, server, images, image, sock, uri, plugin, serverlog,
             for p in (qcow2_path, raw_path):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(p)
+
+
+def vm_hwm_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+def run_memory(row, servers, images, sock, uri, plugin, serverlog, runtime,
+               ramp):
+    """Peak resident size of each server (see MEMORY_ROWS)."""
+    image = IMAGES[row.image]
+    out = {}
+    for server in servers:
+        variants = row.plugin_params if server == "plugin" else ((),)
+        for params in variants:
+            label = " ".join([server, *params])
+            cmd = server_command(server, sock, images.path(image.qcow2),
+                                 images.path(image.raw), plugin, False,
+                                 params)
+            log(f"bench: {row.name} on {label} ...")
+            with serving(cmd, sock, serverlog) as proc:
+                res = fio(uri, MEMORY_FIO, runtime, ramp, row.name)
+                res["vmhwm_mib"] = vm_hwm_mib(proc.pid)
+            out[label] = res
+    return out
 
 
 def check_image(qcow2_path, source=None):
@@ -589,7 +658,7 @@ def table(rows_out, servers):
     head1 += ["plugin/", "plugin/"]
     head2 += ["qemu-nbd", "file-raw"]
     body = []
-    for r in rows_out:
+    for r in (r for r in rows_out if "results" in r):
         line = [r["workload"]]
         for s in servers:
             res = r["results"].get(s)
@@ -609,6 +678,22 @@ def table(rows_out, servers):
     lines = [render(head1), render(head2),
              "  ".join("-" * w for w in widths)]
     lines += [render(b) for b in body]
+    return "\n".join(lines)
+
+
+def memory_table(rows_out):
+    lines = []
+    for r in rows_out:
+        if "memory" not in r:
+            continue
+        f = MEMORY_FIO
+        lines.append(f"{r['workload']}: peak resident size (VmHWM) after "
+                     f"fio {f.rw} {f.bs} QD{f.iodepth} x {f.numjobs} jobs "
+                     f"across the disk; {IMAGES[r['image']].what}")
+        lines.append(f"  {'server':28}  {'VmHWM MiB':>9}  {'IOPS':>9}")
+        for label, res in r["memory"].items():
+            lines.append(f"  {label:28}  {res['vmhwm_mib']:9.1f}  "
+                         f"{res['iops']:9,.0f}")
     return "\n".join(lines)
 
 
@@ -767,6 +852,14 @@ def main():
             images.build(IMAGES[img_name])
         for row in rows:
             image = IMAGES[row.image]
+            if isinstance(row, MemoryRow):
+                rows_out.append({
+                    "workload": row.name, "image": image.name,
+                    "fio": dataclasses.asdict(MEMORY_FIO),
+                    "memory": run_memory(row, servers, images, sock, uri,
+                                         plugin, serverlog, runtime,
+                                         args.ramp)})
+                continue
             samples = {s: [] for s in servers}
             warm_page_cache(images.files(image))
             # Repetitions go round the servers in turn, so slow drifts of
@@ -812,12 +905,14 @@ def main():
             log(f"bench: images kept in {workdir}")
 
     out = sys.stderr if args.json == "-" else sys.stdout
-    print(table(rows_out, servers), file=out)
-    print(file=out)
-    sizes = size_table(rows_out)
-    if sizes:
-        print(sizes, file=out)
+    if any("results" in r for r in rows_out):
+        print(table(rows_out, servers), file=out)
         print(file=out)
+    for extra in (size_table(rows_out), memory_table(rows_out)):
+        if extra:
+            print(extra, file=out)
+            print(file=out)
+    sizes = size_table(rows_out)
     print(f"ratios are MiB/s (= IOPS) of the plugin divided by the other "
           f"server's; > 1 means the plugin is faster.", file=out)
     if sizes:
