@@ -262,80 +262,6 @@ compare_refcounts (struct check *x, bool repair)
   return 0;
 }
 
-/* COPIED must be set exactly on active entries whose cluster has
- * refcount 1.
- */
-static int
-check_copied (struct check *x, bool repair)
-{
-  struct qcow2_image *img = x->img;
-
-  for (uint32_t i = 0; i < img->l1_size; i++) {
-    uint64_t l1e = img->l1[i], l2 = l1e & QCOW2_L1E_OFFSET_MASK;
-    uint64_t rc;
-    int r;
-
-    if (!l2 || !is_aligned (l2, img->cluster_size) ||
-        range_exceeds (l2, img->cluster_size, img->file_size))
-      continue;
-    r = qcow2_refcount_get (img, l2 >> img->cluster_bits, &rc);
-    if (r < 0)
-      return r;
-    if ((rc == 1) != !!(l1e & QCOW2_OFLAG_COPIED)) {
-      x->res->corruptions++;
-      if (repair) {
-        unsigned char e[8];
-        uint64_t fixed = rc == 1 ? l1e | QCOW2_OFLAG_COPIED
-                                 : l1e & ~QCOW2_OFLAG_COPIED;
-        put_be64 (e, fixed);
-        r = qcow2_io_pwrite (img->io, e, 8, img->h.l1_table_offset + i * 8);
-        if (r < 0)
-          return r;
-        __atomic_store_n (&img->l1[i], fixed, __ATOMIC_RELEASE);
-        x->res->corruptions_fixed++;
-      }
-    }
-    if (rc != 1)
-      continue;   /* a shared table is copied before any change */
-
-    for (uint64_t o = 0; o < img->cluster_size; o += img->slice_size) {
-      struct qcow2_slice *slice;
-      bool dirty = false;
-      r = qcow2_cache_get (img->l2_cache, l2 + o, &slice);
-      if (r < 0)
-        return r;
-      for (uint32_t j = 0; j < img->slice_entries; j++) {
-        unsigned char *p = slice->data + j * img->l2_entry_bytes;
-        struct qcow2_entry st;
-        bool want;
-        qcow2_entry_classify (img, qcow2_l2_load (p), 0, &st);
-        if (st.compressed)
-          want = false;
-        else if (st.allocated && !img->external_data) {
-          if (qcow2_refcount_get (img, st.host >> img->cluster_bits, &rc) < 0)
-            continue;
-          want = rc == 1;
-        }
-        else
-          continue;
-        if (want == !!(st.entry & QCOW2_OFLAG_COPIED))
-          continue;
-        x->res->corruptions++;
-        if (repair) {
-          qcow2_l2_store (p, want ? st.entry | QCOW2_OFLAG_COPIED
-                                  : st.entry & ~QCOW2_OFLAG_COPIED);
-          dirty = true;
-          x->res->corruptions_fixed++;
-        }
-      }
-      if (dirty)
-        qcow2_cache_mark_dirty (img->l2_cache, slice);
-      qcow2_cache_put (img->l2_cache, slice);
-    }
-  }
-  return 0;
-}
-
 static int
 run_check (struct qcow2_image *img, bool repair,
            struct qcow2_check_result *res)
@@ -366,8 +292,14 @@ run_check (struct qcow2_image *img, bool repair,
       count (&x, img->h.crypto_offset, img->h.crypto_length, "LUKS header");
     r = compare_refcounts (&x, repair);
   }
-  if (r == 0)
-    r = check_copied (&x, repair);
+  if (r == 0) {
+    uint64_t wrong;
+    r = qcow2_copied_pass (img, repair ? QCOW2_COPIED_REPAIR
+                                       : QCOW2_COPIED_COUNT, &wrong);
+    res->corruptions += wrong;
+    if (repair)
+      res->corruptions_fixed += wrong;
+  }
   if (r == 0 && repair)
     r = qcow2_sync_metadata (img);
   free (x.counts);

@@ -391,6 +391,19 @@ int qcow2_overlap_check (struct qcow2_image *img, uint64_t offset,
 int qcow2_signal_corruption (struct qcow2_image *img, const char *fmt, ...)
   __attribute__ ((format (printf, 2, 3)));
 
+/* Make, or judge, the COPIED flags of the active L1 and L2 tables say
+ * "refcount is 1" (copied.c).  *wrong counts the entries found wrong.
+ */
+enum qcow2_copied_mode {
+  QCOW2_COPIED_COUNT,    /* count wrong flags, change nothing */
+  QCOW2_COPIED_REPAIR,   /* count and correct them */
+  QCOW2_COPIED_SETTLE,   /* correct them after refcounts changed, and
+                            clear the flag on unallocated entries too; an
+                            unreadable table or refcount is an error */
+};
+int qcow2_copied_pass (struct qcow2_image *img, enum qcow2_copied_mode mode,
+                       uint64_t *wrong);
+
 /* resize.c: under the writer lock, replace the active L1 table with one
  * of new_l1_size entries (>= the current size), setting the disk size to
  * new_size in the same header write.

@@ -269,81 +269,12 @@ write_active_l1 (struct qcow2_image *img)
   return r;
 }
 
-static uint64_t
-with_copied (uint64_t e, bool copied)
-{
-  return copied ? e | QCOW2_OFLAG_COPIED : e & ~QCOW2_OFLAG_COPIED;
-}
-
-/* COPIED for the entries of one active L2 table whose own refcount is
- * table_rc: set exactly where the cluster's refcount is 1.  In a shared
- * table every entry is cleared: the table is copied before any change,
- * and a flag there could only be wrong (check.c's rule).
- */
-static int
-recompute_l2 (struct qcow2_image *img, uint64_t l2, uint64_t table_rc)
-{
-  for (uint64_t o = 0; o < img->cluster_size; o += img->slice_size) {
-    struct qcow2_slice *slice;
-    bool dirty = false;
-    int r = qcow2_cache_get (img->l2_cache, l2 + o, &slice);
-
-    if (r < 0) {
-      qcow2_error ("%s: could not read L2 table at %#" PRIx64 ": %s",
-                   img->filename, l2, strerror (-r));
-      return r;
-    }
-    for (uint32_t j = 0; r == 0 && j < img->slice_entries; j++) {
-      unsigned char *p = slice->data + j * img->l2_entry_bytes;
-      uint64_t e = qcow2_l2_load (p), first, count, rc = 0, want;
-
-      r = entry_refs (img, e, &first, &count);
-      if (r == 0 && table_rc == 1 && count == 1 &&
-          !(e & QCOW2_OFLAG_COMPRESSED))
-        r = qcow2_refcount_get (img, first, &rc);
-      want = with_copied (e, rc == 1);
-      if (r == 0 && want != e) {
-        qcow2_l2_store (p, want);
-        dirty = true;
-      }
-    }
-    if (dirty)
-      qcow2_cache_mark_dirty (img->l2_cache, slice);
-    qcow2_cache_put (img->l2_cache, slice);
-    /* Only flags change here, each safe on its own: write back early. */
-    if (r == 0 && qcow2_cache_dirty_count (img->l2_cache) >= WRITEBACK_EVERY)
-      r = qcow2_cache_writeback (img->l2_cache);
-    if (r < 0)
-      return r;
-  }
-  return 0;
-}
-
-/* Make COPIED say "refcount is 1" on every active L1 and L2 entry, as
- * `qemu-img check` expects (compressed and unallocated entries: clear).
- * The caller writes the L1 table and syncs the L2 slices.  Images with an
- * external data file use COPIED for allocation: their entries stay.
- */
+/* Make COPIED say "refcount is 1" on every active entry (copied.c). */
 static int
 recompute_copied (struct qcow2_image *img)
 {
-  for (uint32_t i = 0; i < img->l1_size; i++) {
-    uint64_t l1e = img->l1[i], l2 = l1e & QCOW2_L1E_OFFSET_MASK, rc;
-    int r;
-
-    if (!l2)
-      continue;
-    r = l2_offset_valid (img, l2);
-    if (r == 0)
-      r = qcow2_refcount_get (img, l2 >> img->cluster_bits, &rc);
-    if (r < 0)
-      return r;
-    __atomic_store_n (&img->l1[i], with_copied (l1e, rc == 1),
-                      __ATOMIC_RELEASE);
-    if (!img->external_data && (r = recompute_l2 (img, l2, rc)) < 0)
-      return r;
-  }
-  return 0;
+  uint64_t changed;
+  return qcow2_copied_pass (img, QCOW2_COPIED_SETTLE, &changed);
 }
 
 /* Sync, and once more so that the refcount decreases the first sync
@@ -366,8 +297,6 @@ settle_copied (struct qcow2_image *img)
 
   if (r == 0)
     r = recompute_copied (img);
-  if (r == 0)
-    r = write_active_l1 (img);
   if (r == 0)
     r = qcow2_sync_metadata (img);
   return r;
@@ -578,8 +507,6 @@ create_locked (struct qcow2_image *img, const char *name)
    */
   r = recompute_copied (img);
   if (r == 0)
-    r = write_active_l1 (img);
-  if (r == 0)
     r = qcow2_sync_metadata (img);
   if (r < 0)
     goto undo_refs;
@@ -618,8 +545,8 @@ create_locked (struct qcow2_image *img, const char *name)
  undo_refs:
   /* Not recorded: take the references back and restore the flags. */
   if (release_all (img, img->l1, img->l1_size) == 0 &&
-      sync_twice (img) == 0 && recompute_copied (img) == 0)
-    write_active_l1 (img);
+      sync_twice (img) == 0)
+    recompute_copied (img);
  undo_l1:
   if (l1_bytes > 0)
     qcow2_free_later (img, l1_offset, l1_bytes);

@@ -5,6 +5,7 @@ must equal what QEMU itself reads (after its own repair where needed).
 """
 import json
 import os
+import re
 import struct
 import subprocess
 
@@ -172,3 +173,58 @@ def test_lazy_refcounts_image_stays_clean(tmp_path):
     assert r.returncode == 0, r.stderr
     assert incompatible_features(img) & 1 == 0
     check_clean(img)
+
+
+def set_copied_bit(path, offset, on):
+    """Set or clear bit 63 (COPIED) of the big-endian entry at offset."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        e = struct.unpack(">Q", f.read(8))[0]
+        e = e | (1 << 63) if on else e & ~(1 << 63)
+        f.seek(offset)
+        f.write(struct.pack(">Q", e))
+
+
+def reported_corruptions(path):
+    r = run_plugin(path, "check=report")
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"check of .*: (\d+) corruptions", r.stderr)
+    assert m, r.stderr
+    return int(m.group(1))
+
+
+def qemu_corruptions(path):
+    r = qemu_img("check", "--output=json", path, check=False)
+    return json.loads(r.stdout).get("corruptions", 0)
+
+
+@pytest.mark.parametrize("where", ["shared-l2-entry", "shared-l1-entry",
+                                   "owned-l2-entry", "data-file-entry"])
+def test_copied_flags_judged_as_qemu_judges_them(tmp_path, where):
+    """A wrong COPIED flag counts as one corruption, for QEMU and for us,
+    inside a table a snapshot shares as well as in an owned one, and with
+    an external data file (whose clusters count as refcount 1); repair
+    makes QEMU call the image clean and keeps every byte."""
+    img = tmp_path / "a.qcow2"
+    opts = (["-o", "data_file=%s" % (tmp_path / "d.raw")]
+            if where == "data-file-entry" else [])
+    qemu_img("create", "-f", "qcow2", *opts, img, "4M")
+    qemu_io(img, "write -P 0x61 0 64k", "write -P 0x62 1M 64k")
+    if where.startswith("shared"):
+        qemu_img("snapshot", "-c", "s1", img)
+    l2, _ = l2_offset_of_first_cluster(img)
+    l1 = struct.unpack(">Q", open(img, "rb").read()[40:48])[0]
+    if where == "shared-l2-entry":
+        set_copied_bit(img, l2, True)          # refcount 2: must be clear
+    elif where == "shared-l1-entry":
+        set_copied_bit(img, l1, True)          # table refcount 2
+    else:
+        set_copied_bit(img, l2 + 16 * 8, False)  # refcount 1: must be set
+    before = open(qemu_raw(img, tmp_path), "rb").read()
+    assert qemu_corruptions(img) == 1
+    assert reported_corruptions(img) == 1
+
+    r = run_plugin(img, "check=repair")
+    assert r.returncode == 0, r.stderr
+    check_clean(img)
+    assert open(qemu_raw(img, tmp_path), "rb").read() == before
