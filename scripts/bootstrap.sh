@@ -9,6 +9,9 @@ packages=(
   nbdkit nbdkit-plugin-dev zlib1g-dev libzstd-dev libdeflate-dev libssl-dev
   # the oracle and the clients used by tests, examples and bench/
   qemu-utils libnbd-bin python3-libnbd python3-pytest fio
+  # examples/test-examples.sh: a QEMU guest's NBD drive, systemd units,
+  # libvirt XML
+  qemu-system-x86 systemd libxml2-utils
   # fuzzing and sanitizer runtimes
   clang libclang-rt-14-dev
 )

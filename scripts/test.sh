@@ -4,7 +4,8 @@
 #   2. short libFuzzer runs over the core (clang, ASan+UBSan): open, read
 #      and extents (fuzz_image); check, repair, writes and snapshot
 #      operations (fuzz_write)
-#   3. the integration suite (pytest + libnbd, QEMU as the oracle)
+#   3. the integration suite (pytest + libnbd, QEMU as the oracle), and
+#      the command lines of examples/README.md (examples/test-examples.sh)
 #   4. unit and integration tests again with the plugin built with
 #      AddressSanitizer + UndefinedBehaviorSanitizer
 #   5. the concurrency tests against a ThreadSanitizer build
@@ -34,6 +35,8 @@ fi
 
 step "integration tests"
 $py -m pytest "${pytest_args[@]}"
+step "the command lines of examples/README.md"
+examples/test-examples.sh
 
 if [ -z "${QUICK:-}" ]; then
   step "ASan + UBSan build"
