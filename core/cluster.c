@@ -42,6 +42,18 @@ read_table (struct qcow2_image *img, uint64_t offset, unsigned char *buf)
   return 0;
 }
 
+int
+qcow2_l2_slice_get (struct qcow2_image *img, uint64_t l2, uint64_t o,
+                    struct qcow2_slice **slice)
+{
+  int r = qcow2_cache_get (img->l2_cache, l2 + o, slice);
+
+  if (r < 0)
+    qcow2_error ("%s: could not read L2 table at %#" PRIx64 ": %s",
+                 img->filename, l2, strerror (-r));
+  return r;
+}
+
 static int
 l2_allocate (struct qcow2_image *img, uint64_t l1_index)
 {

@@ -92,13 +92,10 @@ pass_l2 (struct qcow2_image *img, enum qcow2_copied_mode mode, uint64_t l2,
   for (uint64_t o = 0; o < img->cluster_size; o += img->slice_size) {
     struct qcow2_slice *slice;
     bool dirty = false;
-    int r = qcow2_cache_get (img->l2_cache, l2 + o, &slice);
+    int r = qcow2_l2_slice_get (img, l2, o, &slice);
 
-    if (r < 0) {
-      qcow2_error ("%s: could not read L2 table at %#" PRIx64 ": %s",
-                   img->filename, l2, strerror (-r));
+    if (r < 0)
       return r;
-    }
     for (uint32_t j = 0; r == 0 && j < img->slice_entries; j++) {
       unsigned char *p = slice->data + j * img->l2_entry_bytes;
       uint64_t e = qcow2_l2_load (p);

@@ -391,6 +391,12 @@ int qcow2_overlap_check (struct qcow2_image *img, uint64_t offset,
 int qcow2_signal_corruption (struct qcow2_image *img, const char *fmt, ...)
   __attribute__ ((format (printf, 2, 3)));
 
+/* Slice at byte o of the L2 table at l2, pinned in the L2 cache (put it
+ * back with qcow2_cache_put); a failure is reported.
+ */
+int qcow2_l2_slice_get (struct qcow2_image *img, uint64_t l2, uint64_t o,
+                        struct qcow2_slice **slice);
+
 /* Make, or judge, the COPIED flags of the active L1 and L2 tables say
  * "refcount is 1" (copied.c).  *wrong counts the entries found wrong.
  */

@@ -109,13 +109,10 @@ walk_l2 (struct qcow2_image *img, uint64_t l2, ref_fn fn, void *opaque)
 {
   for (uint64_t o = 0; o < img->cluster_size; o += img->slice_size) {
     struct qcow2_slice *slice;
-    int r = qcow2_cache_get (img->l2_cache, l2 + o, &slice);
+    int r = qcow2_l2_slice_get (img, l2, o, &slice);
 
-    if (r < 0) {
-      qcow2_error ("%s: could not read L2 table at %#" PRIx64 ": %s",
-                   img->filename, l2, strerror (-r));
+    if (r < 0)
       return r;
-    }
     for (uint32_t j = 0; r == 0 && j < img->slice_entries; j++) {
       uint64_t first, count;
       r = entry_refs (img, qcow2_l2_load (slice->data +
