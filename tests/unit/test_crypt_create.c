@@ -37,26 +37,7 @@
 #include "io.h"
 #include "qcow2.h"
 #include "util.h"
-
-static int failures;
-static char last_error[1024];
-
-#define CHECK(cond, ...)                                                \
-  do {                                                                  \
-    if (!(cond)) {                                                      \
-      failures++;                                                       \
-      fprintf (stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);  \
-      fprintf (stderr, __VA_ARGS__);                                    \
-      fprintf (stderr, " (last error: %s)\n", last_error);              \
-    }                                                                   \
-  } while (0)
-
-static void
-capture_error (void *opaque, const char *message)
-{
-  (void) opaque;
-  snprintf (last_error, sizeof last_error, "%s", message);
-}
+#include "testing.h"
 
 static double
 cpu_ms (void)
