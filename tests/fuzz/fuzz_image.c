@@ -29,6 +29,7 @@
 
 #include "io.h"
 #include "qcow2.h"
+#include "fuzz_common.h"
 
 #define READ_WINDOW (8ull << 20)      /* virtual bytes read in full */
 #define MAX_CHUNK (1u << 20)          /* largest single read */
@@ -36,13 +37,6 @@
 #define SAMPLE_LEN (64u << 10)        /* of at most this many bytes */
 #define MAX_EXTENTS 100000            /* extents reported per call */
 #define CACHE_SIZE (8u << 10)         /* tiny: evictions on every input */
-
-/* PBKDF2 cost is under the image's control (QEMU and LUKS put no upper
- * bound on it); a real header may ask for millions of iterations, which
- * would make one input take minutes.  Such inputs teach the fuzzer
- * nothing about parsing, so they are skipped.
- */
-#define MAX_FUZZ_ITERATIONS 1000
 
 #define DATA_FILE_SIZE (1u << 20)
 
@@ -71,45 +65,6 @@ make_data_file (void)
   snprintf (data_file, sizeof data_file, "/proc/self/fd/%d", fd);
 }
 
-static void
-discard_error (void *opaque, const char *message)
-{
-  (void) opaque;
-  (void) message;
-}
-
-static uint32_t
-be32 (const uint8_t *p)
-{
-  return (uint32_t) p[0] << 24 | (uint32_t) p[1] << 16 |
-         (uint32_t) p[2] << 8 | p[3];
-}
-
-/* True if any LUKS header anywhere in the input asks for more PBKDF2
- * iterations than we are willing to spend.  Looking at every occurrence
- * of the magic, rather than parsing the qcow2 header to find the one the
- * engine will use, keeps this check trivially conservative.
- */
-static bool
-luks_too_slow (const uint8_t *data, size_t size)
-{
-  static const uint8_t magic[6] = { 'L', 'U', 'K', 'S', 0xba, 0xbe };
-  const size_t phdr = 208 + 8 * 48;
-
-  for (const uint8_t *p = data;
-       (p = memmem (p, size - (size_t) (p - data), magic, sizeof magic));
-       p++) {
-    size_t avail = size - (size_t) (p - data);
-    if (avail < phdr)
-      break;
-    if (be32 (p + 164) > MAX_FUZZ_ITERATIONS)       /* mk_digest_iter */
-      return true;
-    for (int i = 0; i < 8; i++)                    /* key slot iterations */
-      if (be32 (p + 208 + i * 48 + 4) > MAX_FUZZ_ITERATIONS)
-        return true;
-  }
-  return false;
-}
 
 static int
 count_extent (void *opaque, uint64_t offset, uint64_t length, uint32_t flags)
@@ -180,7 +135,7 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
   opts.passphrase = "x";
   opts.cache_size = CACHE_SIZE;
   /* v3 incompatible feature bit 2: external data file. */
-  if (size >= 80 && be32 (data + 4) == 3 && (data[79] & 4))
+  if (size >= 80 && fuzz_be32 (data + 4) == 3 && (data[79] & 4))
     opts.data_file = data_file;
   if (qcow2_open_io (io, &opts, &img) < 0)
     return 0;

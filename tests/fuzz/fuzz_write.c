@@ -30,9 +30,9 @@
 #include <unistd.h>
 
 #include "qcow2.h"
+#include "fuzz_common.h"
 
 #define CACHE_SIZE (8u << 10)
-#define MAX_FUZZ_ITERATIONS 1000      /* see fuzz_image.c */
 #define BUF_SIZE (256u << 10)
 /* Writes make the file grow; hostile refcount tables can make the
  * allocator pick clusters far away.  A memfd is sparse, but the file
@@ -43,39 +43,6 @@
 
 static unsigned char *buf;
 
-static void
-discard_error (void *opaque, const char *message)
-{
-  (void) opaque;
-  (void) message;
-}
-
-static uint32_t
-be32 (const uint8_t *p)
-{
-  return (uint32_t) p[0] << 24 | (uint32_t) p[1] << 16 |
-         (uint32_t) p[2] << 8 | p[3];
-}
-
-static bool
-luks_too_slow (const uint8_t *data, size_t size)
-{
-  static const uint8_t magic[6] = { 'L', 'U', 'K', 'S', 0xba, 0xbe };
-  const size_t phdr = 208 + 8 * 48;
-
-  for (const uint8_t *p = data;
-       (p = memmem (p, size - (size_t) (p - data), magic, sizeof magic));
-       p++) {
-    if (size - (size_t) (p - data) < phdr)
-      break;
-    if (be32 (p + 164) > MAX_FUZZ_ITERATIONS)
-      return true;
-    for (int i = 0; i < 8; i++)
-      if (be32 (p + 208 + i * 48 + 4) > MAX_FUZZ_ITERATIONS)
-        return true;
-  }
-  return false;
-}
 
 enum op_kind { OP_WRITE, OP_ZERO, OP_ZERO_TRIM, OP_ZERO_FAST, OP_TRIM,
                OP_READ, OP_FLUSH };
@@ -185,7 +152,7 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
   if (luks_too_slow (data, size))
     return -1;
   /* An external data file would be opened by name: not here. */
-  if (size >= 80 && be32 (data + 4) == 3 && (data[79] & 4))
+  if (size >= 80 && fuzz_be32 (data + 4) == 3 && (data[79] & 4))
     return -1;
 
   fd = memfd_create ("fuzz-write", 0);

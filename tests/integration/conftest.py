@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import os
 import shlex
+import shutil
 import subprocess
 import tempfile
 import time
@@ -65,19 +66,20 @@ def qemu_raw(image, tmp_path, *convert_args):
 
 
 @contextlib.contextmanager
-def serve(image, *params, plugin=None):
+def serve(image, *params, plugin=None, readonly=False):
     """Serve image with the plugin on a private Unix socket; yield the URI.
 
-    params are extra key=value strings.  The server is killed on exit and
-    its stderr is available as the .stderr attribute of the yielded object.
+    params are extra key=value strings (or paths).  readonly=True serves
+    with nbdkit -r.  The server is killed on exit and its stderr is
+    available as the .stderr attribute of the yielded object.
     """
     d = tempfile.mkdtemp(prefix="qcow2-serve-")
     sock = os.path.join(d, "sock")
     pidfile = os.path.join(d, "pid")
     errlog = open(os.path.join(d, "stderr"), "w+")
-    cmd = ["nbdkit", "-f", "-U", sock, "-P", pidfile,
-           "-D", "nbdkit.backend.datapath=0",
-           plugin or PLUGIN, "file=" + str(image), *params]
+    cmd = ["nbdkit", *(["-r"] if readonly else []), "-f", "-U", sock,
+           "-P", pidfile, "-D", "nbdkit.backend.datapath=0",
+           plugin or PLUGIN, "file=" + str(image), *[str(p) for p in params]]
     p = subprocess.Popen(cmd, stderr=errlog, env=nbdkit_env())
     try:
         deadline = time.monotonic() + 60
@@ -97,9 +99,7 @@ def serve(image, *params, plugin=None):
             p.kill()
             p.wait()
         errlog.close()
-        for f in os.listdir(d):
-            os.unlink(os.path.join(d, f))
-        os.rmdir(d)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 class Server:

@@ -5,10 +5,8 @@ test_*.py build images with these helpers, serve them with the plugin and
 compare what an NBD client reads with what QEMU reads.
 """
 
-import contextlib
 import json
 import os
-import shutil
 import random
 import struct
 import subprocess
@@ -18,7 +16,7 @@ import time
 import pytest
 
 import conftest
-from conftest import (PLUGIN, Server, assert_same_as_raw, extents,
+from conftest import (PLUGIN, assert_same_as_raw, extents,
                       nbdkit_env, qemu_img, qemu_io, qemu_raw, run)
 
 QCOW2_MAGIC = 0x514649FB
@@ -28,47 +26,15 @@ EXT_BACKING_FORMAT = 0xE2792ACA
 # --------------------------------------------------------------------------
 # Serving
 
-@contextlib.contextmanager
 def serve(image, *params, readonly=True):
-    """Like conftest.serve, but read-only by default (nbdkit -r).
+    """conftest.serve, but read-only by default (nbdkit -r).
 
     The plugin opens an image for writing as soon as a client connects
     without -r; this suite is about reads, and some of its images (dirty or
     corrupt bit, stale bitmaps) must not be modified or even opened for
-    writing.  readonly=False uses conftest.serve as is.
+    writing.
     """
-    if not readonly:
-        with conftest.serve(image, *params) as srv:
-            yield srv
-        return
-    d = tempfile.mkdtemp(prefix="qcow2-ro-")
-    sock = os.path.join(d, "sock")
-    pidfile = os.path.join(d, "pid")
-    errlog = open(os.path.join(d, "stderr"), "w+")
-    cmd = ["nbdkit", "-r", "-f", "-U", sock, "-P", pidfile,
-           "-D", "nbdkit.backend.datapath=0",
-           PLUGIN, "file=" + str(image), *[str(p) for p in params]]
-    p = subprocess.Popen(cmd, stderr=errlog, env=nbdkit_env())
-    try:
-        deadline = time.monotonic() + 60
-        while not os.path.exists(pidfile):
-            if p.poll() is not None:
-                errlog.seek(0)
-                raise RuntimeError("nbdkit exited %d: %s"
-                                   % (p.returncode, errlog.read()))
-            if time.monotonic() > deadline:
-                raise RuntimeError("nbdkit did not start")
-            time.sleep(0.02)
-        yield Server("nbd+unix:///?socket=" + sock, sock, errlog)
-    finally:
-        p.terminate()
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-        errlog.close()
-        shutil.rmtree(d, ignore_errors=True)
+    return conftest.serve(image, *params, readonly=readonly)
 
 
 def assert_reads_like_qemu(image, tmp_path, *params, readonly=True,
