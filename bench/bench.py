@@ -38,8 +38,6 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PLUGIN = os.path.join(ROOT, "build", "plugin",
                               "nbdkit-qcow2-plugin.so")
-DEFAULT_COMPRESS_FILTER = os.path.join(ROOT, "build", "filters", "compress",
-                                       "nbdkit-qcow2-compress-filter.so")
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -908,13 +906,13 @@ def main():
     if any("results" in r for r in rows_out):
         print(table(rows_out, servers), file=out)
         print(file=out)
-    for extra in (size_table(rows_out), memory_table(rows_out)):
+    sizes = size_table(rows_out)
+    for extra in (sizes, memory_table(rows_out)):
         if extra:
             print(extra, file=out)
             print(file=out)
-    sizes = size_table(rows_out)
-    print(f"ratios are MiB/s (= IOPS) of the plugin divided by the other "
-          f"server's; > 1 means the plugin is faster.", file=out)
+    print("ratios are MiB/s (= IOPS) of the plugin divided by the other "
+          "server's; > 1 means the plugin is faster.", file=out)
     if sizes:
         print("compress-* rows: MiB/s of source copied; plugin = nbdcopy "
               "into nbdkit-qcow2-compress-filter, qemu-nbd = qemu-img "

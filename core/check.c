@@ -101,8 +101,7 @@ count_l1 (struct check *x, const uint64_t *l1, uint32_t l1_size)
     uint64_t l2 = l1[i] & QCOW2_L1E_OFFSET_MASK;
     if (!l2)
       continue;
-    if (!is_aligned (l2, x->img->cluster_size) ||
-        range_exceeds (l2, x->img->cluster_size, x->img->file_size)) {
+    if (!qcow2_l2_offset_ok (x->img, l2)) {
       qcow2_error ("%s: L2 table offset %#" PRIx64 " invalid (L1 index %"
                    PRIu32 ")", x->img->filename, l2, i);
       x->res->corruptions++;

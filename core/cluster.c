@@ -42,6 +42,23 @@ read_table (struct qcow2_image *img, uint64_t offset, unsigned char *buf)
   return 0;
 }
 
+bool
+qcow2_l2_offset_ok (const struct qcow2_image *img, uint64_t l2)
+{
+  return is_aligned (l2, img->cluster_size) &&
+         !range_exceeds (l2, img->cluster_size, qcow2_file_size (img));
+}
+
+int
+qcow2_l2_offset_check (struct qcow2_image *img, uint64_t l2)
+{
+  if (qcow2_l2_offset_ok (img, l2))
+    return 0;
+  qcow2_error ("%s: L2 table offset %#" PRIx64 " invalid", img->filename,
+               l2);
+  return -EIO;
+}
+
 int
 qcow2_l2_slice_get (struct qcow2_image *img, uint64_t l2, uint64_t o,
                     struct qcow2_slice **slice)
@@ -116,11 +133,8 @@ slice_of (struct qcow2_image *img, uint64_t l2_offset, uint64_t guest,
   uint64_t first = l2_index - l2_index % img->slice_entries;
   int r;
 
-  if (!is_aligned (l2_offset, img->cluster_size) ||
-      range_exceeds (l2_offset, img->cluster_size, qcow2_file_size (img))) {
-    qcow2_error ("L2 table offset %#" PRIx64 " invalid", l2_offset);
-    return -EIO;
-  }
+  if ((r = qcow2_l2_offset_check (img, l2_offset)) < 0)
+    return r;
   r = qcow2_cache_get (img->l2_cache, l2_offset + first * img->l2_entry_bytes,
                        slice);
   if (r < 0) {

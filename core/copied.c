@@ -29,11 +29,6 @@
 #include "io.h"
 #include "util.h"
 
-/* Slices a settle pass leaves dirty before writing them back: flags are
- * safe to write in any order, and the cache must not fill with them.
- */
-#define SETTLE_WRITEBACK_EVERY 32
-
 static uint64_t
 with_copied (uint64_t e, bool copied)
 {
@@ -119,7 +114,8 @@ pass_l2 (struct qcow2_image *img, enum qcow2_copied_mode mode, uint64_t l2,
       qcow2_cache_mark_dirty (img->l2_cache, slice);
     qcow2_cache_put (img->l2_cache, slice);
     if (r == 0 && mode == QCOW2_COPIED_SETTLE &&
-        qcow2_cache_dirty_count (img->l2_cache) >= SETTLE_WRITEBACK_EVERY)
+        qcow2_cache_dirty_count (img->l2_cache) >=
+        QCOW2_PASS_WRITEBACK_EVERY)
       r = qcow2_cache_writeback (img->l2_cache);
     if (r < 0)
       return r;
@@ -156,13 +152,10 @@ qcow2_copied_pass (struct qcow2_image *img, enum qcow2_copied_mode mode,
 
     if (!l2)
       continue;
-    if (!is_aligned (l2, img->cluster_size) ||
-        range_exceeds (l2, img->cluster_size, qcow2_file_size (img))) {
+    if (!qcow2_l2_offset_ok (img, l2)) {
       if (mode != QCOW2_COPIED_SETTLE)
         continue;       /* the refcount pass reports it */
-      qcow2_error ("%s: L2 table offset %#" PRIx64 " invalid",
-                   img->filename, l2);
-      return -EIO;
+      return qcow2_l2_offset_check (img, l2);
     }
     r = refcount_is_one (img, mode, l2 >> img->cluster_bits, &one, &judged);
     if (r < 0)

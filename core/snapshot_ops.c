@@ -39,9 +39,8 @@
 /* Header fields: nb_snapshots (60, 4 bytes), snapshots_offset (64). */
 #define HEADER_SNAPSHOTS 60
 
-/* Pending releases, dirty slices: sync when this many. */
+/* Pending releases: sync when this many. */
 #define SYNC_EVERY 4096
-#define WRITEBACK_EVERY 32
 
 /* --- Walking the references of an L1 table ------------------------- */
 
@@ -51,18 +50,6 @@
  */
 typedef int (*ref_fn) (struct qcow2_image *img, uint64_t first,
                        uint64_t count, void *opaque);
-
-static int
-l2_offset_valid (struct qcow2_image *img, uint64_t l2)
-{
-  if (!is_aligned (l2, img->cluster_size) ||
-      range_exceeds (l2, img->cluster_size, qcow2_file_size (img))) {
-    qcow2_error ("%s: L2 table offset %#" PRIx64 " invalid", img->filename,
-                 l2);
-    return -EIO;
-  }
-  return 0;
-}
 
 /* The clusters one L2 entry references: none, a data cluster, or the
  * clusters compressed bytes touch.
@@ -143,7 +130,7 @@ walk_refs (struct qcow2_image *img, const uint64_t *l1, uint32_t l1_size,
 
     if (!l2)
       continue;
-    r = l2_offset_valid (img, l2);
+    r = qcow2_l2_offset_check (img, l2);
     if (r == 0)
       r = walk_l2 (img, l2, fn, opaque);
     if (r == 0)
@@ -181,7 +168,8 @@ adjust_ref (struct qcow2_image *img, uint64_t first, uint64_t count,
    * ahead of their users leak at worst, and decreases only ever undo
    * increases of this operation.
    */
-  if (qcow2_cache_dirty_count (img->w->refblock_cache) >= WRITEBACK_EVERY)
+  if (qcow2_cache_dirty_count (img->w->refblock_cache) >=
+      QCOW2_PASS_WRITEBACK_EVERY)
     return qcow2_cache_writeback (img->w->refblock_cache);
   return 0;
 }
