@@ -5,7 +5,9 @@
  * Bounce buffers remain only where the bytes on disk are not the bytes the
  * guest sees: compressed clusters (per-thread scratch) and the partial
  * sectors at the ends of an unaligned encrypted read (one sector on the
- * stack).  No lock is held during data I/O.
+ * stack).  No lock is held during data I/O, except that reads of a
+ * writable encrypted image hold their clusters' range locks shared (see
+ * qcow2_read).
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -14,6 +16,7 @@
 #include "crypt.h"
 #include "internal.h"
 #include "io.h"
+#include "rangelock.h"
 #include "util.h"
 
 /* Read host bytes of guest data.  QEMU zero-fills reads past the end of an
@@ -230,6 +233,23 @@ qcow2_read (struct qcow2_image *img, void *buf, uint64_t len,
                  " is beyond the end of the disk (%" PRIu64 " bytes)",
                  len, offset, img->h.size);
     return -EINVAL;
+  }
+  /* A write into part of an encrypted sector rewrites the whole sector
+   * (write.c), holding its clusters exclusive.  A read that overlapped it
+   * could see the sector half old and half new on the file, which
+   * decrypts to garbage even in the bytes nobody wrote; so such reads
+   * wait for it, as QEMU serialises them.  Plain images need no lock:
+   * their bytes are what the file holds, old or new.
+   */
+  if (img->crypt && len > 0 && qcow2_is_writable (img)) {
+    uint64_t first = offset >> img->cluster_bits;
+    uint64_t count = ((offset + len - 1) >> img->cluster_bits) - first + 1;
+    int r;
+
+    qcow2_rangelock_lock (img->w->ranges, first, count, false);
+    r = qcow2_read_l1 (img, img->l1, img->l1_size, buf, len, offset);
+    qcow2_rangelock_unlock (img->w->ranges, first, count);
+    return r;
   }
   return qcow2_read_l1 (img, img->l1, img->l1_size, buf, len, offset);
 }

@@ -462,7 +462,9 @@ def test_encrypted_sub_sector_writers(tmp_path, fmt):
     """Encrypted data is written in whole 512-byte sectors: a write that
     covers part of a sector reads, decrypts, merges and re-encrypts it.
     Threads writing disjoint bytes of the same sectors (each owns a
-    quarter of every sector) must not undo each other's writes."""
+    quarter of every sector) must not undo each other's writes, and a
+    read must not see a sector in the middle of another thread's rewrite
+    (half old, half new ciphertext decrypts to garbage)."""
     import images
     img = tmp_path / "enc.qcow2"
     pw = "concurrency"
@@ -498,9 +500,9 @@ def test_encrypted_sub_sector_writers(tmp_path, fmt):
                     got = h.pread(piece, off)
                     if got != expect[off:off + piece]:
                         raise AssertionError(
-                            "thread %d: its piece at %#x was undone by "
-                            "another thread's write to the same sector" % (
-                                t, off))
+                            "thread %d: its piece at %#x read back wrong: "
+                            "undone by, or read in the middle of, another "
+                            "thread's write to the same sector" % (t, off))
             except Exception as e:  # noqa: BLE001
                 errors.append(e)
 
