@@ -430,16 +430,19 @@ def secret_args(passphrase, sid="s0"):
             % (sid, passphrase.replace(",", ",,"))]
 
 
-def luks_create(path, size, passphrase, *opts, tries=40):
-    """Create a LUKS-encrypted qcow2 image.  qemu-img's PBKDF2 benchmark
+def luks_create(path, size, passphrase, *opts, backing=(), tries=40):
+    """Create a LUKS-encrypted qcow2 image (size None: the backing file's,
+    given as qemu-img arguments in backing).  qemu-img's PBKDF2 benchmark
     fails now and then on small VMs ("Unable to get accurate CPU usage"):
     retry."""
     o = ["encrypt.format=luks", "encrypt.key-secret=s0",
          "encrypt.iter-time=10", *opts]
+    size_arg = [] if size is None else [str(size)]
     last = None
     for _ in range(tries):
         p = qemu_img("create", "-q", "-f", "qcow2", *secret_args(passphrase),
-                     "-o", ",".join(o), str(path), str(size), check=False)
+                     "-o", ",".join(o), *backing, str(path), *size_arg,
+                     check=False)
         if p.returncode == 0:
             return path
         last = p.stderr

@@ -100,16 +100,8 @@ def test_luks_small_clusters(tmp_path, cluster):
 def test_luks_over_plain_backing(tmp_path):
     base = raw_from_layout(tmp_path / "base.raw", 1 * M,
                            [(0, 1 * M, "random")])
-    img = tmp_path / "top.qcow2"
-    o = ["encrypt.format=luks", "encrypt.key-secret=s0",
-         "encrypt.iter-time=10"]
-    for _ in range(40):
-        p = qemu_img("create", "-q", "-f", "qcow2", *secret_args(PASS),
-                     "-o", ",".join(o), "-b", "base.raw", "-F", "raw",
-                     str(img), check=False)
-        if p.returncode == 0:
-            break
-    assert p.returncode == 0, p.stderr
+    img = luks_create(tmp_path / "top.qcow2", None, PASS,
+                      backing=["-b", "base.raw", "-F", "raw"])
     crypt_write(img, PASS, "write -P 0x41 64k 100", "write -z 256k 64k")
     raw = crypt_raw(img, PASS, tmp_path / "a.raw")
     serve_compare(img, raw, "passphrase=" + PASS,
