@@ -211,9 +211,9 @@ qcow2_write_compressed (struct qcow2_image *img, const void *buf,
    * failure here may leave the entry published or not, so the bytes are
    * not given back: at worst they leak.
    */
-  qcow2_rangelock_lock (w->ranges, guest >> img->cluster_bits, 1, true);
+  qcow2_rangelock_lock (img->ranges, guest >> img->cluster_bits, 1, true);
   r = qcow2_entry_publish (img, guest, desc, 0, true);
-  qcow2_rangelock_unlock (w->ranges, guest >> img->cluster_bits, 1);
+  qcow2_rangelock_unlock (img->ranges, guest >> img->cluster_bits, 1);
 
   /* Recompressing a cluster that was written in pieces (the compress
    * filter) releases its uncompressed host cluster, but only at the next

@@ -195,7 +195,6 @@ static int
 zero_or_trim (struct qcow2_image *img, const struct request *rq,
               uint64_t len, uint64_t offset, bool fua)
 {
-  struct qcow2_writer *w = img->w;
   const uint64_t cs = img->cluster_size;
   const uint64_t unit = img->extended_l2 ? img->subcluster_size : cs;
   uint64_t end = offset + len, first, count;
@@ -214,7 +213,7 @@ zero_or_trim (struct qcow2_image *img, const struct request *rq,
 
   first = offset >> img->cluster_bits;
   count = ((end - 1) >> img->cluster_bits) - first + 1;
-  qcow2_rangelock_lock (w->ranges, first, count, true);
+  qcow2_rangelock_lock (img->ranges, first, count, true);
 
   while (r == 0 && offset < end) {
     uint64_t guest = align_down (offset, cs);
@@ -263,7 +262,7 @@ zero_or_trim (struct qcow2_image *img, const struct request *rq,
     offset += n;
   }
 
-  qcow2_rangelock_unlock (w->ranges, first, count);
+  qcow2_rangelock_unlock (img->ranges, first, count);
   if (r == 0 && fua)
     r = qcow2_flush (img);
   return r;

@@ -272,7 +272,6 @@ free_writer (struct qcow2_image *img, struct qcow2_writer *w)
   img->w = w;
   if (w->reftable || w->refblock_cache)
     qcow2_refcount_fini (img);
-  qcow2_rangelock_free (w->ranges);
   qcow2_overlap_free (w->overlap);
   qcow2_cache_set_write_check (img->l2_cache, NULL, NULL);
   pthread_mutex_destroy (&w->lock);
@@ -308,9 +307,8 @@ qcow2_enable_write (struct qcow2_image *img)
   if (!w)
     return -ENOMEM;
   pthread_mutex_init (&w->lock, NULL);
-  w->ranges = qcow2_rangelock_new ();
   img->w = w;
-  r = w->ranges ? qcow2_refcount_init (img) : -ENOMEM;
+  r = qcow2_refcount_init (img);
   if (r == 0)
     r = qcow2_overlap_init (img);
   if (r < 0)
@@ -380,7 +378,8 @@ qcow2_image_open (struct qcow2_io *io, const struct qcow2_open_options *opts,
   img->data_io = io;
   img->filename = strdup (filename);
   img->realpath = chain->realpath ? strdup (chain->realpath) : NULL;
-  if (!img->filename || (chain->realpath && !img->realpath)) {
+  img->ranges = qcow2_rangelock_new ();
+  if (!img->filename || (chain->realpath && !img->realpath) || !img->ranges) {
     r = -ENOMEM;
     goto fail;
   }
@@ -479,6 +478,7 @@ qcow2_close (struct qcow2_image *img)
   if (img->data_io != img->io)
     qcow2_io_close (img->data_io);
   qcow2_crypt_free (img->crypt);
+  qcow2_rangelock_free (img->ranges);
   qcow2_cache_free (img->l2_cache);
   qcow2_snapshots_free (img->snapshots, img->nb_snapshots);
   free (img->l1);

@@ -167,7 +167,6 @@ struct qcow2_writer {
   uint64_t free_hint;             /* no free cluster below this index */
   struct qcow2_pending_free *pending;
   size_t nr_pending, cap_pending;
-  struct qcow2_rangelock *ranges; /* per guest cluster: see rangelock.h */
   struct qcow2_overlap *overlap;  /* metadata clusters: see overlap.c */
   uint64_t compressed_free;       /* next free byte for compressed data in
                                    * a partly used host cluster; 0: none
@@ -212,6 +211,11 @@ struct qcow2_image {
                                  * bitmap change: see qcow2_l2_load_pair */
 
   struct qcow2_crypt *crypt;    /* NULL unless encrypted */
+  /* Per guest cluster, for writers and for readers of encrypted data:
+   * see rangelock.h.  Made at open, before any request can run, so a
+   * reader never misses the lock of a write that starts after it.
+   */
+  struct qcow2_rangelock *ranges;
 
   struct qcow2_snapshot *snapshots;
   uint32_t nb_snapshots;

@@ -1,11 +1,13 @@
-/* Per-guest-cluster locks for writers.
+/* Per-guest-cluster locks for writers (and readers of encrypted data).
  *
  * A request that writes in place (no metadata change) takes its clusters
  * shared; one that allocates, frees or changes an L2 entry takes them
  * exclusive.  So an allocation never races with another allocation or an
  * in-place write of the same clusters, while disjoint requests proceed at
- * once.  Readers take no lock: they see an L2 entry either before or after
- * it is published, and published entries point at data already written.
+ * once.  Readers of plain images take no lock: they see an L2 entry either
+ * before or after it is published, and published entries point at data
+ * already written.  Readers of encrypted images take their clusters
+ * shared, because a sub-sector write rewrites a whole sector (read.c).
  *
  * Clusters map onto a fixed array of rwlocks (stripes); stripes are taken
  * in ascending order, so two requests can never deadlock.

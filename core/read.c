@@ -238,17 +238,19 @@ qcow2_read (struct qcow2_image *img, void *buf, uint64_t len,
    * (write.c), holding its clusters exclusive.  A read that overlapped it
    * could see the sector half old and half new on the file, which
    * decrypts to garbage even in the bytes nobody wrote; so such reads
-   * wait for it, as QEMU serialises them.  Plain images need no lock:
+   * wait for it, as QEMU serialises them.  They lock whether or not the
+   * image is writable yet: writing is enabled by the first write, which
+   * may come while this read is under way.  Plain images need no lock:
    * their bytes are what the file holds, old or new.
    */
-  if (img->crypt && len > 0 && qcow2_is_writable (img)) {
+  if (img->crypt && len > 0) {
     uint64_t first = offset >> img->cluster_bits;
     uint64_t count = ((offset + len - 1) >> img->cluster_bits) - first + 1;
     int r;
 
-    qcow2_rangelock_lock (img->w->ranges, first, count, false);
+    qcow2_rangelock_lock (img->ranges, first, count, false);
     r = qcow2_read_l1 (img, img->l1, img->l1_size, buf, len, offset);
-    qcow2_rangelock_unlock (img->w->ranges, first, count);
+    qcow2_rangelock_unlock (img->ranges, first, count);
     return r;
   }
   return qcow2_read_l1 (img, img->l1, img->l1_size, buf, len, offset);

@@ -347,7 +347,6 @@ int
 qcow2_write (struct qcow2_image *img, const void *buf, uint64_t len,
              uint64_t offset, bool fua)
 {
-  struct qcow2_writer *w = img->w;
   uint64_t first, count, done;
   bool in_place_excl;
   int r;
@@ -373,18 +372,18 @@ qcow2_write (struct qcow2_image *img, const void *buf, uint64_t len,
   in_place_excl = img->crypt &&
                   (!is_aligned (offset, QCOW2_CRYPT_SECTOR) ||
                    !is_aligned (offset + len, QCOW2_CRYPT_SECTOR));
-  qcow2_rangelock_lock (w->ranges, first, count, in_place_excl);
+  qcow2_rangelock_lock (img->ranges, first, count, in_place_excl);
   r = write_in_place (img, buf, len, offset, &done);
-  qcow2_rangelock_unlock (w->ranges, first, count);
+  qcow2_rangelock_unlock (img->ranges, first, count);
 
   if (r == 0 && done < len) {
     uint64_t rest = offset + done;
     first = rest >> img->cluster_bits;
     count = ((offset + len - 1) >> img->cluster_bits) - first + 1;
-    qcow2_rangelock_lock (w->ranges, first, count, true);
+    qcow2_rangelock_lock (img->ranges, first, count, true);
     r = qcow2_write_locked (img, (const unsigned char *) buf + done, len - done,
                           rest);
-    qcow2_rangelock_unlock (w->ranges, first, count);
+    qcow2_rangelock_unlock (img->ranges, first, count);
   }
   if (r == 0 && fua)
     r = qcow2_flush (img);
