@@ -28,6 +28,7 @@
 #include "qcow2.h"
 #include "util.h"
 #include "testing.h"
+#include "image_info.h"
 
 static void
 hex_to_bytes (const char *hex, unsigned char *out, size_t n)
@@ -166,60 +167,16 @@ test_aes_kat (void)
 /* ---------------------------------------------------------------- */
 /* Fixture images. */
 
-#define QCOW2_LUKS_EXT 0x0537be77
-#define L2_OFFSET_MASK UINT64_C (0x00fffffffffffe00)
 #define GUEST_DATA 65536          /* the fixture data cluster */
 
-struct image_info {
-  uint32_t crypt_method;
-  uint64_t luks_offset, luks_length;
-  uint64_t host_offset;           /* of GUEST_DATA */
-  uint32_t cluster_size;
-};
-
-/* Just enough qcow2 to find the LUKS area and one data cluster; every
- * read is bounds-checked by the io backend, and fixtures are trusted.
+/* The LUKS area and the host cluster of GUEST_DATA, which every fixture
+ * has allocated.
  */
 static int
-read_image_info (struct qcow2_io *io, struct image_info *ii)
+fixture_info (struct qcow2_io *io, struct image_info *ii)
 {
-  unsigned char hdr[4096], e[8];
-  uint32_t hdr_len, cluster_bits;
-  uint64_t l1, l2, off;
-
-  memset (ii, 0, sizeof *ii);
-  if (qcow2_io_pread (io, hdr, sizeof hdr, 0) < 0 ||
-      memcmp (hdr, "QFI\xfb", 4) != 0 || get_be32 (hdr + 4) != 3)
-    return -1;
-  cluster_bits = get_be32 (hdr + 20);
-  ii->cluster_size = UINT32_C (1) << cluster_bits;
-  ii->crypt_method = get_be32 (hdr + 32);
-  hdr_len = get_be32 (hdr + 100);
-
-  /* Header extensions: be32 magic, be32 length, data padded to 8. */
-  for (off = hdr_len; off + 8 <= sizeof hdr;) {
-    uint32_t magic = get_be32 (hdr + off), len = get_be32 (hdr + off + 4);
-    if (magic == 0)
-      break;
-    if (magic == QCOW2_LUKS_EXT && len >= 16 && off + 8 + 16 <= sizeof hdr) {
-      ii->luks_offset = get_be64 (hdr + off + 8);
-      ii->luks_length = get_be64 (hdr + off + 16);
-    }
-    off += 8 + ((uint64_t) len + 7) / 8 * 8;
-  }
-
-  /* L1[0] -> L2 table; entry GUEST_DATA / cluster_size in it. */
-  if (qcow2_io_pread (io, e, 8, get_be64 (hdr + 40)) < 0)
-    return -1;
-  l1 = get_be64 (e) & L2_OFFSET_MASK;
-  if (l1 == 0 ||
-      qcow2_io_pread (io, e, 8, l1 + 8 * (GUEST_DATA >> cluster_bits)) < 0)
-    return -1;
-  l2 = get_be64 (e);
-  if (l2 & (UINT64_C (1) << 62)) /* compressed: not in the fixtures */
-    return -1;
-  ii->host_offset = l2 & L2_OFFSET_MASK;
-  return ii->host_offset ? 0 : -1;
+  int r = read_image_info (io, GUEST_DATA, ii);
+  return r == 0 && ii->host_offset ? 0 : -1;
 }
 
 /* The fixture pattern: 32 KiB of 0x5a then 32 KiB of 0xc3 at GUEST_DATA,
@@ -305,7 +262,7 @@ test_luks_fixture (const char *dir, const char *name,
   CHECK (r == 0, "%s: open: %d", path, r);
   if (r < 0)
     goto out;
-  r = read_image_info (io, &ii);
+  r = fixture_info (io, &ii);
   CHECK (r == 0 && ii.crypt_method == 2 && ii.luks_length >= 592,
          "%s: not a LUKS qcow2 fixture", path);
   if (r < 0 || ii.crypt_method != 2)
@@ -351,7 +308,7 @@ test_legacy_fixture (const char *dir)
   CHECK (r == 0, "%s: open: %d", path, r);
   if (r < 0)
     goto out;
-  r = read_image_info (io, &ii);
+  r = fixture_info (io, &ii);
   CHECK (r == 0 && ii.crypt_method == 1, "%s: not an AES qcow2", path);
   if (r < 0 || ii.crypt_method != 1)
     goto out_io;
@@ -459,7 +416,7 @@ test_luks_mutations (const char *dir)
     free (path);
     return;
   }
-  r = read_image_info (io, &ii);
+  r = fixture_info (io, &ii);
   CHECK (r == 0 && ii.crypt_method == 2, "%s: bad fixture", path);
   luks_base_len = ii.luks_length;
   luks_base = malloc (luks_base_len);
@@ -640,7 +597,7 @@ test_threads (const char *dir, const char *name)
   CHECK (r == 0, "threads: open: %d", r);
   if (r < 0)
     return;
-  if (read_image_info (io, &ii) < 0 ||
+  if (fixture_info (io, &ii) < 0 ||
       qcow2_crypt_open_luks (io, ii.luks_offset, ii.luks_length, "PASS",
                              &c) < 0) {
     CHECK (0, "threads: cannot open %s", name);

@@ -38,6 +38,7 @@
 #include "qcow2.h"
 #include "util.h"
 #include "testing.h"
+#include "image_info.h"
 
 static double
 cpu_ms (void)
@@ -285,61 +286,6 @@ run (char *out, size_t outsz, const char *fmt, ...)
   return WIFEXITED (st) ? WEXITSTATUS (st) : -1;
 }
 
-#define QCOW2_LUKS_EXT 0x0537be77
-#define L2_OFFSET_MASK UINT64_C (0x00fffffffffffe00)
-
-struct image_info {
-  uint32_t crypt_method;
-  uint64_t luks_offset, luks_length;
-  uint64_t host_offset;           /* of guest offset 0 */
-  uint32_t cluster_size;
-};
-
-/* Just enough qcow2 to find the LUKS area and the cluster of guest
- * offset 0 (as in test_crypt.c); host_offset is 0 when unallocated.
- */
-static int
-read_image_info (struct qcow2_io *io, struct image_info *ii)
-{
-  unsigned char hdr[4096], e[8];
-  uint32_t hdr_len, cluster_bits;
-  uint64_t l1, off;
-
-  memset (ii, 0, sizeof *ii);
-  if (qcow2_io_pread (io, hdr, sizeof hdr, 0) < 0 ||
-      memcmp (hdr, "QFI\xfb", 4) != 0 || get_be32 (hdr + 4) != 3)
-    return -1;
-  cluster_bits = get_be32 (hdr + 20);
-  ii->cluster_size = UINT32_C (1) << cluster_bits;
-  ii->crypt_method = get_be32 (hdr + 32);
-  hdr_len = get_be32 (hdr + 100);
-
-  for (off = hdr_len; off + 8 <= sizeof hdr;) {
-    uint32_t magic = get_be32 (hdr + off), len = get_be32 (hdr + off + 4);
-    if (magic == 0)
-      break;
-    if (magic == QCOW2_LUKS_EXT && len >= 16 && off + 8 + 16 <= sizeof hdr) {
-      ii->luks_offset = get_be64 (hdr + off + 8);
-      ii->luks_length = get_be64 (hdr + off + 16);
-    }
-    off += 8 + ((uint64_t) len + 7) / 8 * 8;
-  }
-  if (ii->luks_length == 0)
-    return -1;
-
-  if (qcow2_io_pread (io, e, 8, get_be64 (hdr + 40)) < 0)
-    return -1;
-  l1 = get_be64 (e) & L2_OFFSET_MASK;
-  if (l1 == 0)
-    return 0;
-  if (qcow2_io_pread (io, e, 8, l1) < 0)
-    return -1;
-  if (get_be64 (e) & (UINT64_C (1) << 62))
-    return -1;
-  ii->host_offset = get_be64 (e) & L2_OFFSET_MASK;
-  return 0;
-}
-
 static int
 pwrite_file (const char *path, const void *buf, size_t len, uint64_t off)
 {
@@ -374,9 +320,12 @@ image_info (const char *path, struct image_info *ii)
 
   if (r < 0)
     return r;
-  r = read_image_info (io, ii);
+  /* The LUKS area, and the host cluster of guest offset 0 (0 when
+   * unallocated).
+   */
+  r = read_image_info (io, 0, ii);
   qcow2_io_close (io);
-  return r;
+  return r == 0 && ii->luks_length ? 0 : -1;
 }
 
 /* qemu-io on path with passphrase pass; cmds is a string of -c options. */
