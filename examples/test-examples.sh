@@ -19,6 +19,15 @@ if [ ! -f "$plugin" ]; then
     echo "$0: plugin $plugin not found: ninja -C build, or set QCOW2_PLUGIN" >&2
     exit 1
 fi
+# The filters: next to the plugin in a build tree, else installed in
+# nbdkit's filter directory (found by name).
+filter() {   # filter NAME: what to pass to --filter=
+    local so
+    so="$(dirname "$plugin")/../filters/$1/nbdkit-qcow2-$1-filter.so"
+    if [ -f "$so" ]; then realpath "$so"; else echo "qcow2-$1"; fi
+}
+compress_filter=$(filter compress)
+snapshot_filter=$(filter snapshot)
 for t in nbdkit qemu-img qemu-io nbdinfo nbdcopy nbdsh; do
     if ! command -v $t >/dev/null; then
         echo "$0: $t is needed" >&2
@@ -61,6 +70,28 @@ wait_for() {
     return 1
 }
 
+# stop_pid PID: SIGTERM, then wait up to 10 s for the process to be gone
+# (nbdkit flushes and closes the image on the way out).
+stop_pid() {
+    kill "$1" &&
+    for _ in $(seq 100); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done &&
+    ! kill -0 "$1" 2>/dev/null
+}
+
+# serve NAME IMAGE [KEY=VALUE...]: a daemon on $tmp/NAME.sock, pid in
+# $tmp/NAME.pid; stop it with stop_pid "$(cat "$tmp/NAME.pid")".
+serve() {
+    local name=$1 img=$2; shift 2
+    rm -f "$tmp/$name.sock" "$tmp/$name.pid"
+    nbdkit -U "$tmp/$name.sock" -P "$tmp/$name.pid" "$plugin" "$img" "$@" &&
+    wait_for "$tmp/$name.pid" &&
+    pids+=("$(cat "$tmp/$name.pid")")
+}
+unserve() { stop_pid "$(cat "$tmp/$1.pid")"; }
+
+# clean IMAGE: qemu-img check finds no error and no leak (exit 2, 3).
+clean() { qemu-img check "$1"; }
+
 # The test image: 64 MiB with data, a zero area, a compressed cluster and
 # holes; ref.raw is what QEMU reads from it.
 qemu-img create -q -f qcow2 disk.qcow2 64M
@@ -90,9 +121,7 @@ check "nbdinfo --map -- [ nbdkit ... ] (socket activation by libnbd)" t_nbdinfo_
 # ------------------------------------------------- daemon with -U and -P
 sock="$tmp/disk.sock"
 t_daemon() {
-    nbdkit -U "$sock" -P "$tmp/disk.pid" "$plugin" disk.qcow2 &&
-    wait_for "$tmp/disk.pid" &&
-    pids+=("$(cat "$tmp/disk.pid")") &&
+    serve disk disk.qcow2 &&
     [ "$(nbdinfo --size "nbd+unix:///?socket=$sock")" = "$size" ]
 }
 check "daemon: nbdkit -U SOCK -P PIDFILE, nbdinfo --size" t_daemon
@@ -129,21 +158,7 @@ t_nbdcopy() {
 }
 check "nbdcopy URI FILE, URI -" t_nbdcopy
 
-# -------------------------------------- qemu-system, guestfish (if present)
-t_qemu_system() {
-    printf '%s\n' '{"execute":"qmp_capabilities"}' \
-        '{"execute":"query-block"}' '{"execute":"quit"}' |
-    timeout 60 qemu-system-x86_64 -machine none -nodefaults -display none \
-        -drive "file=nbd+unix:///?socket=$sock,format=raw,if=none,id=d0,readonly=on" \
-        -qmp stdio > qmp.txt &&
-    grep -q '"ro": true' qmp.txt && grep -q nbd qmp.txt
-}
-if command -v qemu-system-x86_64 >/dev/null; then
-    check "qemu-system-x86_64 -drive file=nbd+unix:...,format=raw,readonly=on" t_qemu_system
-else
-    skip "qemu-system with an NBD drive" "qemu-system-x86_64 not installed"
-fi
-
+# -------------------------------------------------------------- guestfish
 t_guestfish() {
     guestfish --ro --format=raw -a "nbd://?socket=$sock" run : list-devices |
         grep -q /dev/sda
@@ -154,15 +169,102 @@ else
     skip "guestfish" "guestfish not installed"
 fi
 
-# Stop the daemon: a server takes the image's lock (when the plugin can
-# lock), and the tests below start their own servers on the same image.
-t_daemon_stop() {
-    local pid
-    pid=$(cat "$tmp/disk.pid") && kill "$pid" &&
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done &&
-    ! kill -0 "$pid" 2>/dev/null
+# Stop the daemon: a server holds the image's locks, and the tests below
+# start their own servers on the same image.
+t_daemon_stop() { unserve disk && sha256sum -c --quiet disk.sha256; }
+check "daemon stopped by pid (image unchanged by reads)" t_daemon_stop
+
+# ------------------------------------------------------------- writing
+# Each test writes a copy of disk.qcow2 (or a new image) and compares it
+# with the same writes applied to a copy of ref.raw.
+t_write_qemu_io() {
+    cp disk.qcow2 w1.qcow2 && cp ref.raw w1.raw &&
+    qemu-io -f raw -c 'write -P 0x44 40M 1M' w1.raw >/dev/null &&
+    serve w1 w1.qcow2 &&
+    qemu-io -f raw -c 'write -P 0x44 40M 1M' -c 'read -P 0x44 40M 1M' \
+        "nbd+unix:///?socket=$tmp/w1.sock" &&
+    unserve w1 && clean w1.qcow2 &&
+    qemu-img compare -f raw -F qcow2 w1.raw w1.qcow2
 }
-check "daemon stopped by pid" t_daemon_stop
+check "qemu-io -f raw writes over nbd+unix://, image clean and as written" \
+      t_write_qemu_io
+
+t_nbdcopy_create() {
+    nbdcopy -- ref.raw [ nbdkit "$plugin" new.qcow2 create=true size=64M ] &&
+    clean new.qcow2 && qemu-img compare -f raw -F qcow2 ref.raw new.qcow2
+}
+check "nbdcopy -- FILE [ nbdkit qcow2 NEW create=true size=64M ]" \
+      t_nbdcopy_create
+
+t_nbdcopy_compress() {
+    nbdcopy -- ref.raw [ nbdkit --filter="$compress_filter" "$plugin" \
+                         small.qcow2 create=true size=64M ] &&
+    clean small.qcow2 && qemu-img compare -f raw -F qcow2 ref.raw small.qcow2 &&
+    qemu-img check small.qcow2 | tee small.check &&
+    ! grep -q ' 0.00% compressed clusters' small.check
+}
+check "nbdcopy into [ nbdkit --filter=qcow2-compress ... create=true ]" \
+      t_nbdcopy_compress
+
+t_convert_into() {
+    qemu-img create -q -f qcow2 into.qcow2 64M &&
+    serve into into.qcow2 &&
+    qemu-img convert -n -f raw ref.raw -O raw "nbd+unix:///?socket=$tmp/into.sock" &&
+    unserve into && clean into.qcow2 &&
+    qemu-img compare -f raw -F qcow2 ref.raw into.qcow2
+}
+check "qemu-img convert -n FILE nbd+unix://... into a served image" t_convert_into
+
+# ----------------------------------------------------------- snapshots
+t_snapshots() {
+    cp disk.qcow2 snap.qcow2 &&
+    serve snap snap.qcow2 snapshot-create=before-upgrade &&
+    nbdinfo --list "nbd+unix:///?socket=$tmp/snap.sock" | tee list.txt &&
+    grep -q 'export="before-upgrade"' list.txt &&
+    nbdsh -u "nbd+unix:///?socket=$tmp/snap.sock" \
+          -c 'h.pwrite(b"Z" * 65536, 0); h.flush()' &&
+    nbdcopy "nbd+unix:///before-upgrade?socket=$tmp/snap.sock" s1.raw &&
+    cmp s1.raw ref.raw &&
+    unserve snap && clean snap.qcow2 &&
+    qemu-img snapshot -l snap.qcow2 | grep -q before-upgrade &&
+    ! qemu-img compare -q -f raw -F qcow2 ref.raw snap.qcow2 &&
+    # The snapshot filter: that snapshot whatever export the client names.
+    nbdkit -U - --filter="$snapshot_filter" "$plugin" snap.qcow2 \
+           snapshot=before-upgrade --run 'nbdcopy "$uri" s2.raw' &&
+    cmp s2.raw ref.raw &&
+    # Revert, then drop it.
+    nbdkit -U - "$plugin" snap.qcow2 snapshot-apply=before-upgrade \
+           --run 'nbdcopy "$uri" s3.raw' &&
+    cmp s3.raw ref.raw &&
+    nbdkit -U - "$plugin" snap.qcow2 snapshot-delete=before-upgrade \
+           --run 'nbdinfo --list "$uri"' > list2.txt &&
+    ! grep -q before-upgrade list2.txt &&
+    clean snap.qcow2 && qemu-img compare -f raw -F qcow2 ref.raw snap.qcow2
+}
+check "snapshots: snapshot-create=, export, filter, -apply=, -delete=" t_snapshots
+
+# ------------------------------------------------------- qemu-system
+# A writable NBD drive, no guest: QMP says it is writable, the monitor's
+# qemu-io writes through it, and the image holds the write afterwards.
+t_qemu_system() {
+    cp disk.qcow2 vm.qcow2 && serve vm vm.qcow2 &&
+    printf '%s\n' '{"execute":"qmp_capabilities"}' \
+        '{"execute":"query-block"}' \
+        '{"execute":"human-monitor-command","arguments":{"command-line":"qemu-io d0 \"write -P 0x55 0 64k\""}}' \
+        '{"execute":"quit"}' |
+    timeout 60 qemu-system-x86_64 -machine none -nodefaults -display none \
+        -drive "file=nbd+unix:///?socket=$tmp/vm.sock,format=raw,if=none,id=d0" \
+        -qmp stdio > qmp.txt &&
+    cat qmp.txt && grep -q '"ro": false' qmp.txt && grep -q nbd qmp.txt &&
+    grep -q 'wrote 65536/65536 bytes at offset 0' qmp.txt &&
+    unserve vm && clean vm.qcow2 &&
+    qemu-io -f qcow2 -c 'read -P 0x55 0 64k' -c 'read -P 0x41 64k 960k' vm.qcow2
+}
+if command -v qemu-system-x86_64 >/dev/null; then
+    check "qemu-system-x86_64 -drive file=nbd+unix:...,format=raw: writable, written" t_qemu_system
+else
+    skip "qemu-system with an NBD drive" "qemu-system-x86_64 not installed"
+fi
 
 t_captive_convert() {
     nbdkit -U - "$plugin" disk.qcow2 \
@@ -258,12 +360,14 @@ fi
 
 # The service's ExecStart under systemd-socket-activate, which passes a
 # listening socket with LISTEN_FDS/LISTEN_PID as systemd does.  The image
-# directory and the plugin name are replaced by the test's.
+# directory (a copy of the test image) and the plugin name are replaced by
+# the test's.
 t_socket_activation() {
     local line cmd sasock="$tmp/sa.sock"
+    mkdir -p "$tmp/sa" && cp disk.qcow2 "$tmp/sa/disk.qcow2" || return 1
     line=$(sed -n 's/^ExecStart=//p' "$here/nbdkit-qcow2@.service")
     line=${line//%i/disk}
-    line=${line//\/var\/lib\/nbdkit-qcow2\//$tmp/}
+    line=${line//\/var\/lib\/nbdkit-qcow2\//$tmp/sa/}
     read -r -a cmd <<< "$line"
     for i in "${!cmd[@]}"; do
         [ "${cmd[$i]}" = qcow2 ] && cmd[$i]=$plugin
@@ -279,7 +383,12 @@ t_socket_activation() {
     { nbdinfo --size "nbd+unix:///?socket=$sasock" > sa1 &
       nbdinfo --size "nbd+unix:///?socket=$sasock" > sa2; wait $!; } &&
     [ "$(cat sa2)" = "$size" ] &&
-    kill -0 "$sapid" && grep -qx nbdkit "/proc/$sapid/comm"
+    kill -0 "$sapid" && grep -qx nbdkit "/proc/$sapid/comm" &&
+    # A write through it reaches the image, which stays clean.
+    nbdsh -u "nbd+unix:///?socket=$sasock" \
+          -c 'h.pwrite(b"S" * 4096, 50 << 20); h.flush()' &&
+    stop_pid "$sapid" && clean "$tmp/sa/disk.qcow2" &&
+    qemu-io -f qcow2 -c 'read -P 0x53 50M 4k' "$tmp/sa/disk.qcow2"
 }
 if command -v systemd-socket-activate >/dev/null; then
     check "socket activation: service ExecStart under systemd-socket-activate" \
@@ -301,9 +410,18 @@ if command -v xmllint >/dev/null; then
 else
     skip "libvirt XML" "xmllint not installed"
 fi
+# A <disk> alone has no schema of its own: validate it inside a minimal
+# domain, as virsh attach-device / edit would place it.
+t_libvirt_schema() {
+    { echo "<domain type='kvm'><name>t</name><memory>131072</memory>"
+      echo "<os><type>hvm</type></os><devices>"
+      sed -n '/^<disk/,$p' "$here/libvirt-nbd-disk.xml"
+      echo "</devices></domain>"; } > domain.xml &&
+    virt-xml-validate domain.xml domain
+}
 if command -v virt-xml-validate >/dev/null; then
-    check "libvirt-nbd-disk.xml valid (virt-xml-validate)" \
-          virt-xml-validate "$here/libvirt-nbd-disk.xml"
+    check "libvirt-nbd-disk.xml valid in a domain (virt-xml-validate)" \
+          t_libvirt_schema
 else
     skip "libvirt schema validation" "virt-xml-validate not installed"
 fi

@@ -10,8 +10,8 @@ packages=(
   # the oracle and the clients used by tests, examples and bench/
   qemu-utils libnbd-bin python3-libnbd python3-pytest fio
   # examples/test-examples.sh: a QEMU guest's NBD drive, systemd units,
-  # libvirt XML
-  qemu-system-x86 systemd libxml2-utils
+  # libvirt XML (xmllint; virt-xml-validate and its schemas)
+  qemu-system-x86 systemd libxml2-utils libvirt-clients
   # fuzzing and sanitizer runtimes
   clang libclang-rt-14-dev
 )
