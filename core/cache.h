@@ -1,13 +1,13 @@
-/* A bounded cache of fixed-size metadata slices (L2 table slices now,
- * refcount blocks later), keyed by host file offset.
+/* A bounded cache of fixed-size metadata slices (L2 table slices, and
+ * refcount blocks for a writer), keyed by host file offset.
  *
  * Invariants:
  * - at most `capacity` slices are resident, except transiently when every
  *   resident slice is pinned;
  * - a pinned slice (between qcow2_cache_get and qcow2_cache_put) is neither
  *   evicted nor moved; its data may be read without a lock.  Entries are
- *   read with atomic 64-bit loads so that a future writer can publish
- *   entries with atomic stores while readers run;
+ *   read with atomic 64-bit loads because writers publish entries with
+ *   atomic stores while readers run;
  * - a slice whose load failed is never handed out: every waiter gets the
  *   error, and the next lookup retries the read.
  *
