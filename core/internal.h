@@ -298,7 +298,10 @@ int qcow2_image_open (struct qcow2_io *io, const struct qcow2_open_options *opts
                       const struct qcow2_chain *chain,
                       struct qcow2_image **image_out);
 
-/* read.c: read through a given L1 (active or, later, a snapshot's). */
+/* read.c: read through a given L1, the active one or a snapshot's
+ * (view.c).  Takes no range lock: snapshot clusters are never written in
+ * place, and qcow2_read takes the active image's when it needs them.
+ */
 int qcow2_read_l1 (struct qcow2_image *img, const uint64_t *l1,
                    uint32_t l1_size, void *buf, uint64_t len,
                    uint64_t offset);

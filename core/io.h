@@ -1,6 +1,5 @@
 /* The byte-level backend under the engine: a small vtable so the same
- * engine runs over a host file, over memory (unit tests, fuzzing), and
- * later over another nbdkit layer.
+ * engine runs over a host file and over memory (unit tests, fuzzing).
  *
  * Invariants every implementation keeps:
  * - pread and pwrite transfer the whole range or fail; a read that reaches

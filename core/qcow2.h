@@ -68,10 +68,9 @@ void qcow2_open_options_init (struct qcow2_open_options *opts);
 int qcow2_open (const struct qcow2_open_options *opts,
                 struct qcow2_image **image_out);
 
-/* Open an image over an already-open byte backend (tests, fuzzing, and
- * later a backend over another nbdkit layer).  The image takes ownership of
- * io, also on failure.  opts->filename is used only to resolve relative
- * backing and data file names and in messages.
+/* Open an image over an already-open byte backend (tests, fuzzing).  The
+ * image takes ownership of io, also on failure.  opts->filename is used
+ * only to resolve relative backing and data file names and in messages.
  */
 int qcow2_open_io (struct qcow2_io *io, const struct qcow2_open_options *opts,
                    struct qcow2_image **image_out);
