@@ -133,15 +133,10 @@ slice_of (struct qcow2_image *img, uint64_t l2_offset, uint64_t guest,
   uint64_t first = l2_index - l2_index % img->slice_entries;
   int r;
 
-  if ((r = qcow2_l2_offset_check (img, l2_offset)) < 0)
+  if ((r = qcow2_l2_offset_check (img, l2_offset)) < 0 ||
+      (r = qcow2_l2_slice_get (img, l2_offset, first * img->l2_entry_bytes,
+                               slice)) < 0)
     return r;
-  r = qcow2_cache_get (img->l2_cache, l2_offset + first * img->l2_entry_bytes,
-                       slice);
-  if (r < 0) {
-    qcow2_error ("could not read L2 table at %#" PRIx64 ": %s", l2_offset,
-                 strerror (-r));
-    return r;
-  }
   *index = l2_index - first;
   return 0;
 }

@@ -211,8 +211,7 @@ zero_or_trim (struct qcow2_image *img, const struct request *rq,
   if (len == 0)
     return 0;
 
-  first = offset >> img->cluster_bits;
-  count = ((end - 1) >> img->cluster_bits) - first + 1;
+  qcow2_cluster_span (img, offset, len, &first, &count);
   qcow2_rangelock_lock (img->ranges, first, count, true);
 
   while (r == 0 && offset < end) {

@@ -441,6 +441,17 @@ int qcow2_write_disk_size (struct qcow2_image *img, uint64_t size);
 /* flush.c: under the writer lock. */
 int qcow2_sync_metadata (struct qcow2_image *img);
 
+/* The guest clusters [*first, *first + *count) that the bytes [offset,
+ * offset + len) touch, len > 0: what a request takes range locks on.
+ */
+static inline void
+qcow2_cluster_span (const struct qcow2_image *img, uint64_t offset,
+                    uint64_t len, uint64_t *first, uint64_t *count)
+{
+  *first = offset >> img->cluster_bits;
+  *count = ((offset + len - 1) >> img->cluster_bits) - *first + 1;
+}
+
 /* L2 entries stay in on-disk byte order in the cache.  Loads and stores
  * are atomic so readers need no lock while a writer publishes an entry.
  */

@@ -5,8 +5,8 @@
  * Bounce buffers remain only where the bytes on disk are not the bytes the
  * guest sees: compressed clusters (per-thread scratch) and the partial
  * sectors at the ends of an unaligned encrypted read (one sector on the
- * stack).  No lock is held during data I/O, except that reads of a
- * writable encrypted image hold their clusters' range locks shared (see
+ * stack).  No lock is held during data I/O, except that reads of an
+ * encrypted image hold their clusters' range locks shared (see
  * qcow2_read).
  */
 #include <errno.h>
@@ -244,10 +244,10 @@ qcow2_read (struct qcow2_image *img, void *buf, uint64_t len,
    * their bytes are what the file holds, old or new.
    */
   if (img->crypt && len > 0) {
-    uint64_t first = offset >> img->cluster_bits;
-    uint64_t count = ((offset + len - 1) >> img->cluster_bits) - first + 1;
+    uint64_t first, count;
     int r;
 
+    qcow2_cluster_span (img, offset, len, &first, &count);
     qcow2_rangelock_lock (img->ranges, first, count, false);
     r = qcow2_read_l1 (img, img->l1, img->l1_size, buf, len, offset);
     qcow2_rangelock_unlock (img->ranges, first, count);

@@ -362,8 +362,7 @@ qcow2_write (struct qcow2_image *img, const void *buf, uint64_t len,
   if (len == 0)
     return 0;
 
-  first = offset >> img->cluster_bits;
-  count = ((offset + len - 1) >> img->cluster_bits) - first + 1;
+  qcow2_cluster_span (img, offset, len, &first, &count);
   /* Encrypted data is written in whole sectors: a partial sector is read,
    * merged and rewritten (write_host), which must not race with another
    * write into the same sector, so such requests hold their clusters
@@ -378,8 +377,7 @@ qcow2_write (struct qcow2_image *img, const void *buf, uint64_t len,
 
   if (r == 0 && done < len) {
     uint64_t rest = offset + done;
-    first = rest >> img->cluster_bits;
-    count = ((offset + len - 1) >> img->cluster_bits) - first + 1;
+    qcow2_cluster_span (img, rest, len - done, &first, &count);
     qcow2_rangelock_lock (img->ranges, first, count, true);
     r = qcow2_write_locked (img, (const unsigned char *) buf + done, len - done,
                           rest);
