@@ -57,6 +57,41 @@ qcow2_resolve_path (const char *relative_to, const char *name,
   return path;
 }
 
+char *
+qcow2_resolve_path_within (const char *relative_to, const char *dir,
+                           const char *name, const char *what)
+{
+  char *base = NULL, *path, *real = NULL, *rdir = NULL;
+  size_t n;
+
+  /* An image that is no local file has no directory: names are relative
+   * to dir.
+   */
+  if (!relative_to && asprintf (&base, "%s/", dir) == -1) {
+    qcow2_error ("out of memory");
+    return NULL;
+  }
+  path = qcow2_resolve_path (relative_to ? relative_to : base, name, what);
+  if (path) {
+    real = realpath (path, NULL);
+    rdir = realpath (dir, NULL);
+    if (!real || !rdir)
+      qcow2_error ("%s %s: %s", what, real ? dir : path, strerror (errno));
+    else if (n = strlen (rdir),
+             strncmp (real, rdir, n) != 0 ||
+             (real[n] != '/' && strcmp (rdir, "/") != 0)) {
+      qcow2_error ("%s '%s' lies outside %s; refusing to open it", what,
+                   name, rdir);
+      free (real);
+      real = NULL;
+    }
+  }
+  free (base);
+  free (path);
+  free (rdir);
+  return real;
+}
+
 static bool
 in_chain (const struct qcow2_chain *chain, const char *realpath)
 {
@@ -123,8 +158,12 @@ qcow2_backing_open (struct qcow2_image *img,
                  img->filename, opts->max_chain_depth);
     return -ELOOP;
   }
-  path = qcow2_resolve_path (img->filename, img->h.backing_file,
-                             "backing file");
+  path = opts->backing_dir
+         ? qcow2_resolve_path_within (img->realpath ? img->filename : NULL,
+                                      opts->backing_dir, img->h.backing_file,
+                                      "backing file")
+         : qcow2_resolve_path (img->filename, img->h.backing_file,
+                               "backing file");
   if (!path)
     return -EPERM;
   real = realpath (path, NULL);

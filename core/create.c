@@ -179,8 +179,11 @@ backing_size (const struct qcow2_create_options *o, uint64_t *size)
 {
   struct qcow2_open_options bo;
   struct qcow2_image *b;
-  char *path = qcow2_resolve_path (o->filename, o->backing_file,
-                                   "backing file");
+  char *path = o->backing_dir
+               ? qcow2_resolve_path_within (NULL, o->backing_dir,
+                                            o->backing_file, "backing file")
+               : qcow2_resolve_path (o->filename, o->backing_file,
+                                     "backing file");
   int r;
 
   if (!path)
@@ -211,7 +214,7 @@ backing_size (const struct qcow2_create_options *o, uint64_t *size)
 }
 
 static int
-write_skeleton (const struct qcow2_create_options *o, int fd)
+write_skeleton (const struct qcow2_create_options *o, struct qcow2_io *io)
 {
   const uint64_t cs = o->cluster_size;
   unsigned char *buf = calloc (3, cs);
@@ -233,8 +236,12 @@ write_skeleton (const struct qcow2_create_options *o, int fd)
       else
         p[o->refcount_bits / 8 - 1] = 1;     /* big-endian 1 */
     }
-    if (pwrite (fd, buf, 3 * cs, 0) != (ssize_t) (3 * cs) || fsync (fd))
-      r = -errno ? -errno : -EIO;
+    r = qcow2_io_pwrite (io, buf, 3 * cs, 0);
+    if (r == 0)
+      r = qcow2_io_flush (io);
+    if (r < 0)
+      qcow2_error ("%s: cannot write the new image: %s", o->filename,
+                   strerror (-r));
   }
   free (buf);
   return r;
@@ -376,23 +383,109 @@ create_data_file (const struct qcow2_create_options *o, char **path_out)
   return 0;
 }
 
-int
-qcow2_create (const struct qcow2_create_options *opts)
+/* The image is created on io and its size (o->size) is final: make
+ * the skeleton, open it and grow it with the engine's own paths.
+ */
+static int
+build_image (const struct qcow2_create_options *o, struct qcow2_io *io)
 {
-  struct qcow2_create_options o = *opts;
   struct qcow2_open_options oo;
-  struct qcow2_image *img = NULL;
-  char *data_path = NULL;
-  int fd, r;
+  struct qcow2_image *img;
+  int r = write_skeleton (o, io);
 
-  if (o.backing_file && o.size == 0) {
-    r = backing_size (&o, &o.size);
+  if (r < 0) {
+    qcow2_io_close (io);
+    return r;
+  }
+  qcow2_open_options_init (&oo);
+  oo.filename = o->filename;
+  oo.writable = true;
+  oo.ignore_backing = true;      /* only metadata is written here */
+  r = qcow2_open_io (io, &oo, &img);
+  if (r < 0)
+    return r;
+  if (o->encrypt)
+    r = add_encryption (o, img);
+  if (r == 0)
+    r = qcow2_resize (img, o->size);
+  if (r == 0 && o->preallocate_metadata)
+    r = preallocate (img);
+  if (r == 0 && o->data_file && (o->data_file_raw || o->preallocate_metadata))
+    r = extend (img->data_io, o->size);
+  if (r == 0)
+    r = qcow2_flush (img);
+  if (r == 0 && !img->external_data && !qcow2_io_is_fixed_size (io))
+    r = extend (img->io, qcow2_file_size (img));
+  qcow2_close (img);
+  return r;
+}
+
+/* Size and options settled as qemu-img create settles them. */
+static int
+settle_options (struct qcow2_create_options *o)
+{
+  int r;
+
+  if (o->backing_file && o->size == 0) {
+    r = backing_size (o, &o->size);
     if (r < 0)
       return r;
   }
   /* As qemu-img create: QEMU sees disks in whole 512-byte sectors. */
-  o.size = (o.size + 511) & ~511ull;
-  r = validate (&o);
+  o->size = (o->size + 511) & ~511ull;
+  return validate (o);
+}
+
+int
+qcow2_create_io (const struct qcow2_create_options *opts,
+                 struct qcow2_io *io)
+{
+  struct qcow2_create_options o = *opts;
+  unsigned char first[512];
+  uint64_t size;
+  int r;
+
+  r = settle_options (&o);
+  if (r == 0 && (o.data_file || o.preallocate_metadata)) {
+    qcow2_error ("%s: an image in a container can have no external data "
+                 "file and no preallocation", o.filename);
+    r = -EINVAL;
+  }
+  if (r == 0 && (r = qcow2_io_get_size (io, &size)) < 0)
+    qcow2_error ("%s: %s", o.filename, strerror (-r));
+  if (r == 0 && size < 3ull * o.cluster_size) {
+    qcow2_error ("%s: the container (%" PRIu64 " bytes) is too small for "
+                 "an image", o.filename, size);
+    r = -ENOSPC;
+  }
+  if (r == 0 && !o.overwrite) {
+    r = qcow2_io_pread (io, first, sizeof first, 0);
+    if (r < 0)
+      qcow2_error ("%s: %s", o.filename, strerror (-r));
+    else if (!is_zero (first, sizeof first)) {
+      qcow2_error ("%s: the container is not empty (%s); refusing to "
+                   "format it without overwrite", o.filename,
+                   get_be32 (first) == QCOW2_MAGIC ? "it holds a qcow2 image"
+                   : "its first sector holds data");
+      r = -EEXIST;
+    }
+  }
+  if (r < 0) {
+    qcow2_io_close (io);
+    return r;
+  }
+  return build_image (&o, io);
+}
+
+int
+qcow2_create (const struct qcow2_create_options *opts)
+{
+  struct qcow2_create_options o = *opts;
+  struct qcow2_io *io;
+  char *data_path = NULL;
+  int fd, r;
+
+  r = settle_options (&o);
   if (r < 0)
     return r;
 
@@ -405,44 +498,21 @@ qcow2_create (const struct qcow2_create_options *opts)
                  "replace it without overwrite)" : "");
     return -e;
   }
-  r = write_skeleton (&o, fd);
   close (fd);
-  if (r == 0 && o.data_file)
+  if (o.data_file)
     r = create_data_file (&o, &data_path);
-  if (r < 0)
-    goto fail;
-
-  qcow2_open_options_init (&oo);
-  oo.filename = o.filename;
-  oo.writable = true;
-  oo.ignore_backing = true;      /* only metadata is written here */
-  r = qcow2_open (&oo, &img);
-  if (r < 0)
-    goto fail;
-  if (o.encrypt)
-    r = add_encryption (&o, img);
+  if (r == 0) {
+    r = qcow2_io_file_open (o.filename, QCOW2_IO_READ_WRITE, &io);
+    if (r < 0)
+      qcow2_error ("%s: %s", o.filename, strerror (-r));
+  }
   if (r == 0)
-    r = qcow2_resize (img, o.size);
-  if (r == 0 && o.preallocate_metadata)
-    r = preallocate (img);
-  if (r == 0 && o.data_file && (o.data_file_raw || o.preallocate_metadata))
-    r = extend (img->data_io, o.size);
-  if (r == 0)
-    r = qcow2_flush (img);
-  if (r == 0 && !img->external_data)
-    r = extend (img->io, qcow2_file_size (img));
-  qcow2_close (img);
-  img = NULL;
-  if (r < 0)
-    goto fail;
-  free (data_path);
-  return 0;
-
- fail:
-  qcow2_close (img);
-  unlink (o.filename);
-  if (data_path)
-    unlink (data_path);
+    r = build_image (&o, io);
+  if (r < 0) {
+    unlink (o.filename);
+    if (data_path)
+      unlink (data_path);
+  }
   free (data_path);
   return r;
 }

@@ -59,8 +59,7 @@ apply_free (struct qcow2_image *img, const struct qcow2_pending_free *f)
       qcow2_cache_discard (img->l2_cache, off, img->cluster_size);
       qcow2_overlap_remove (img, off);
       /* Best effort: the cluster is free either way. */
-      if (img->io->ops->punch_hole)
-        img->io->ops->punch_hole (img->io, off, img->cluster_size);
+      qcow2_io_discard (img->io, off, img->cluster_size);
     }
   }
   return 0;

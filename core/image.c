@@ -166,9 +166,11 @@ open_crypt (struct qcow2_image *img, const char *passphrase)
  * data.
  */
 static int
-open_data_file (struct qcow2_image *img, const char *override,
-                bool follow_backing, enum qcow2_io_mode mode)
+open_data_file (struct qcow2_image *img, const struct qcow2_open_options *opts,
+                enum qcow2_io_mode mode)
 {
+  const char *override = opts->data_file;
+  const bool follow_backing = opts->follow_backing;
   const char *name = override ? override : img->h.data_file;
   char *path;
   int r;
@@ -196,7 +198,10 @@ open_data_file (struct qcow2_image *img, const char *override,
   }
   /* A user's override is trusted as given; the image's own name is not. */
   path = override ? strdup (override)
-                  : qcow2_resolve_path (img->filename, name, "data file");
+         : opts->backing_dir
+         ? qcow2_resolve_path_within (img->realpath ? img->filename : NULL,
+                                      opts->backing_dir, name, "data file")
+         : qcow2_resolve_path (img->filename, name, "data file");
   if (!path)
     return override ? -ENOMEM : -EPERM;
   r = qcow2_io_file_open (path, mode, &img->data_io);
@@ -410,7 +415,7 @@ qcow2_image_open (struct qcow2_io *io, const struct qcow2_open_options *opts,
 
   if ((r = create_cache (img, opts->cache_size)) < 0 ||
       (r = open_crypt (img, opts->passphrase)) < 0 ||
-      (r = open_data_file (img, opts->data_file, opts->follow_backing,
+      (r = open_data_file (img, opts,
                            chain->depth == 1 ? QCOW2_IO_PREFER_WRITE
                                              : QCOW2_IO_READ_ONLY)) < 0 ||
       (r = take_locks (img, opts->lock, false)) < 0 ||

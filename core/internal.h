@@ -171,6 +171,7 @@ struct qcow2_writer {
   uint64_t compressed_free;       /* next free byte for compressed data in
                                    * a partly used host cluster; 0: none
                                    * (see compress.c) */
+  bool enospc_quiet;              /* qcow2_alloc_clusters_try is running */
 };
 
 /* An open image.  Geometry and tables are set at open; the mutable parts
@@ -290,6 +291,13 @@ void qcow2_backing_close (struct qcow2_image *img);
  */
 char *qcow2_resolve_path (const char *relative_to, const char *name,
                           const char *what);
+/* The same, confined to the directory dir (opts->backing_dir): the real
+ * path of the result must lie inside it.  relative_to is the local file
+ * naming it, or NULL for an image that is no local file (names are then
+ * relative to dir).  Returns the real path, or NULL with a message.
+ */
+char *qcow2_resolve_path_within (const char *relative_to, const char *dir,
+                                 const char *name, const char *what);
 
 /* image.c: open an image and, through backing.c, its chain.  chain
  * describes this image (depth 1 for the top one).  Takes ownership of io.
@@ -324,9 +332,17 @@ int qcow2_refcount_update (struct qcow2_image *img, uint64_t cluster,
                            int delta);
 int qcow2_refcount_set (struct qcow2_image *img, uint64_t cluster,
                         uint64_t value);
-/* Allocate n contiguous clusters with refcount 1. */
+/* Allocate n contiguous clusters with refcount 1.  -ENOSPC (reported)
+ * when no such run fits: the file cannot grow that far, or a fixed-size
+ * container has no free run that long.
+ */
 int qcow2_alloc_clusters (struct qcow2_image *img, uint64_t n,
                           uint64_t *offset_out);
+/* The same, for callers that fall back to smaller runs: -ENOSPC is not
+ * reported.
+ */
+int qcow2_alloc_clusters_try (struct qcow2_image *img, uint64_t n,
+                              uint64_t *offset_out);
 /* Drop one reference to every cluster overlapping [offset, offset + len)
  * after the next metadata sync (see flush.c).
  */

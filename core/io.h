@@ -1,5 +1,6 @@
 /* The byte-level backend under the engine: a small vtable so the same
- * engine runs over a host file and over memory (unit tests, fuzzing).
+ * engine runs over a host file, over memory (unit tests, fuzzing) and
+ * over another nbdkit layer (filters/qcow2/io_next.c).
  *
  * Invariants every implementation keeps:
  * - pread and pwrite transfer the whole range or fail; a read that reaches
@@ -7,6 +8,12 @@
  *   (callers that want QEMU's zero-fill past EOF clip against get_size);
  * - all calls are safe from many threads at once;
  * - errors are negative errno values; nothing is reported to the user here.
+ *
+ * Two kinds of backend: a growable file, where new clusters go past the
+ * end and the file grows, and a fixed-size container (a block device, an
+ * export of another NBD server, an object), where the image lives inside
+ * a size that never changes: clusters are allocated only below it, and
+ * when none is free allocation fails with -ENOSPC (refcount.c).
  */
 #ifndef QCOW2_IO_H
 #define QCOW2_IO_H
@@ -33,9 +40,19 @@ struct qcow2_io_ops {
    * cannot.  A hint: callers ignore failures.
    */
   int (*preallocate) (struct qcow2_io *io, uint64_t offset, uint64_t len);
+  /* Release the space of [offset, offset + len), whose contents nobody
+   * reads any more (a freed cluster); what it reads afterwards is
+   * unspecified.  -ENOTSUP where the backend cannot.  A hint: callers
+   * ignore failures.
+   */
+  int (*discard) (struct qcow2_io *io, uint64_t offset, uint64_t len);
+  /* Can the backend be written?  NULL: ask the file descriptor. */
+  bool (*is_writable) (struct qcow2_io *io);
   /* The file descriptor behind the backend, or -1 (for image locks). */
   int (*fd) (struct qcow2_io *io);
   void (*close) (struct qcow2_io *io);
+  /* A fixed-size container rather than a growable file (see above). */
+  bool fixed_size;
 };
 
 struct qcow2_io {
@@ -74,6 +91,18 @@ qcow2_io_preallocate (struct qcow2_io *io, uint64_t offset, uint64_t len)
                               : -ENOTSUP;
 }
 
+static inline int
+qcow2_io_discard (struct qcow2_io *io, uint64_t offset, uint64_t len)
+{
+  return io->ops->discard ? io->ops->discard (io, offset, len) : -ENOTSUP;
+}
+
+static inline bool
+qcow2_io_is_fixed_size (const struct qcow2_io *io)
+{
+  return io->ops->fixed_size;
+}
+
 static inline void
 qcow2_io_close (struct qcow2_io *io)
 {
@@ -101,5 +130,12 @@ bool qcow2_io_is_writable (struct qcow2_io *io);
  * outlive the io.
  */
 struct qcow2_io *qcow2_io_mem_new (const void *data, size_t size);
+
+/* A writable fixed-size container in memory, size bytes of zeros (unit
+ * tests of containers and of failing storage).  The io owns the buffer;
+ * qcow2_io_mem_data gives it to the test.
+ */
+struct qcow2_io *qcow2_io_mem_container_new (size_t size);
+unsigned char *qcow2_io_mem_data (struct qcow2_io *io);
 
 #endif /* QCOW2_IO_H */

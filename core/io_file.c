@@ -118,6 +118,7 @@ static const struct qcow2_io_ops file_ops = {
   .get_size = file_get_size,
   .punch_hole = file_punch_hole,
   .preallocate = file_preallocate,
+  .discard = file_punch_hole,
   .fd = file_fd,
   .close = file_close,
 };
@@ -158,6 +159,8 @@ qcow2_io_file_open (const char *path, enum qcow2_io_mode mode,
 bool
 qcow2_io_is_writable (struct qcow2_io *io)
 {
+  if (io->ops->is_writable)
+    return io->ops->is_writable (io);
   int fd = io->ops->fd ? io->ops->fd (io) : -1;
   int flags = fd >= 0 ? fcntl (fd, F_GETFL) : -1;
 

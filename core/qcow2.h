@@ -58,6 +58,13 @@ struct qcow2_open_options {
    * header extension.
    */
   const char *data_file;
+
+  /* Confine the files an image names (backing files, the data file) to
+   * this directory: names are resolved inside it, relative to it for an
+   * image that is no local file (opened with qcow2_open_io), and a name
+   * whose real path lies outside is refused.  NULL: no confinement.
+   */
+  const char *backing_dir;
 };
 
 #define QCOW2_DEFAULT_MAX_CHAIN_DEPTH 64
@@ -177,10 +184,23 @@ struct qcow2_create_options {
   const char *encrypt_ivgen_alg, *encrypt_ivgen_hash_alg;
   const char *encrypt_hash_alg;
   unsigned encrypt_iter_time_ms;
+  /* As qcow2_open_options.backing_dir: where the backing file is found
+   * (for its size) when the image is created in a container.
+   */
+  const char *backing_dir;
 };
 
 void qcow2_create_options_init (struct qcow2_create_options *opts);
 int qcow2_create (const struct qcow2_create_options *opts);
+/* Create the image inside a fixed-size container (io.h), which takes
+ * the whole of it; opts->filename only names it in messages.  A
+ * container whose first cluster is not all zeros is refused unless
+ * opts->overwrite (it may hold an image or a file system).  No data
+ * file or preallocation here: stale bytes of a container do not read
+ * as zeros.  Takes ownership of io, also on failure.
+ */
+int qcow2_create_io (const struct qcow2_create_options *opts,
+                     struct qcow2_io *io);
 
 /* Grow the virtual disk (image writable; no requests in flight). */
 int qcow2_resize (struct qcow2_image *image, uint64_t new_size);

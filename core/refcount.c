@@ -13,6 +13,11 @@
  *   leaves no free run longer than a range, so a larger allocation goes
  *   past the end of the file instead, behind the refcount blocks it needs,
  *   packed together and counting each other (alloc_past_end);
+ * - in a fixed-size container (io.h) nothing is allocated at or past
+ *   cluster_limit: the search fails with -ENOSPC before it changes
+ *   anything there, and there is no "past the end" (alloc_past_end
+ *   refuses, so callers allocate smaller runs); a refcount table that
+ *   must grow is placed past the last refcount block, inside it;
  * - refcount table growth writes the new blocks and table beyond the end of
  *   the file, syncs them, then switches the header in one write and sync,
  *   and only then frees the old table (QEMU's order, qcow2_refcount_area);
@@ -169,6 +174,31 @@ qcow2_refcount_get (struct qcow2_image *img, uint64_t cluster,
   return 0;
 }
 
+/* The first cluster that allocation may not hand out: the end of a
+ * fixed-size container, else the largest offset an L2 entry can hold.
+ */
+static uint64_t
+cluster_limit (const struct qcow2_image *img)
+{
+  if (qcow2_io_is_fixed_size (img->io))
+    return qcow2_file_size (img) >> img->cluster_bits;
+  return QCOW2_L2E_OFFSET_MASK >> img->cluster_bits;
+}
+
+static int
+no_space (const struct qcow2_image *img)
+{
+  if (img->w->enospc_quiet)
+    return -ENOSPC;   /* the caller tries smaller runs */
+  if (qcow2_io_is_fixed_size (img->io))
+    qcow2_error ("%s: no space left for new clusters: the container "
+                 "(%" PRIu64 " bytes) is full", img->filename,
+                 qcow2_file_size (img));
+  else
+    qcow2_error ("%s: no space left for new clusters", img->filename);
+  return -ENOSPC;
+}
+
 static void
 grow_file_size (struct qcow2_image *img, uint64_t end)
 {
@@ -193,6 +223,8 @@ create_refblock (struct qcow2_image *img, uint64_t index)
   struct qcow2_slice *slice;
   int r;
 
+  if (first >= cluster_limit (img))
+    return no_space (img);
   /* The new block starts as zeros in the cache; its own refcount is
    * entry 0 of its first slice.
    */
@@ -239,8 +271,17 @@ grow_reftable (struct qcow2_image *img, uint64_t need)
   uint64_t *table = NULL;
   int r;
 
-  /* First refblock range at or past the end of the file with no block. */
-  start = div_round_up (qcow2_file_size (img) >> img->cluster_bits, E);
+  /* First refblock range at or past the end of the file with no block;
+   * in a container, the first past the last block (nothing is used
+   * there: a range without a block has no used cluster).
+   */
+  if (qcow2_io_is_fixed_size (img->io)) {
+    start = w->reftable_entries;
+    while (start > 0 && w->reftable[start - 1] == 0)
+      start--;
+  }
+  else
+    start = div_round_up (qcow2_file_size (img) >> img->cluster_bits, E);
   while (start < w->reftable_entries && w->reftable[start] != 0)
     start++;
 
@@ -265,6 +306,8 @@ grow_reftable (struct qcow2_image *img, uint64_t need)
    */
   uint64_t area_clusters = blocks + table_clusters;
   uint64_t area_offset = (start * E) << img->cluster_bits;
+  if (start * E + area_clusters > cluster_limit (img))
+    return no_space (img);
   area = calloc (area_clusters, img->cluster_size);
   table = calloc (entries, 8);
   if (!area || !table) {
@@ -447,6 +490,9 @@ alloc_past_end (struct qcow2_image *img, uint64_t n, uint64_t *first_out)
   unsigned char entry[8];
   int r;
 
+  /* A container has no end to go past. */
+  if (qcow2_io_is_fixed_size (img->io))
+    return no_space (img);
   for (;;) {
     start = div_round_up (img->file_size, img->cluster_size);
     k = 0;
@@ -459,10 +505,8 @@ alloc_past_end (struct qcow2_image *img, uint64_t n, uint64_t *first_out)
     if (r < 0)
       return r;
   }
-  if (start + k + n > (QCOW2_L2E_OFFSET_MASK >> img->cluster_bits)) {
-    qcow2_error ("%s: no space left for new clusters", img->filename);
-    return -ENOSPC;
-  }
+  if (start + k + n > cluster_limit (img))
+    return no_space (img);
 
   /* Give each blockless range one of the k clusters, in memory first so
    * the refcounts below land in the new blocks.
@@ -519,7 +563,7 @@ qcow2_alloc_clusters (struct qcow2_image *img, uint64_t n,
                       uint64_t *offset_out)
 {
   struct qcow2_writer *w = img->w;
-  uint64_t i, run_start, run_len;
+  uint64_t i, run_start = 0, run_len;
   int r;
 
   if (n >= w->refblock_entries) {
@@ -538,6 +582,9 @@ qcow2_alloc_clusters (struct qcow2_image *img, uint64_t n,
   while (run_len < n) {
     uint64_t index = i / w->refblock_entries;
     uint64_t rc;
+
+    if (run_start + n > cluster_limit (img))
+      return no_space (img);
 
     if (index >= w->reftable_entries || w->reftable[index] == 0) {
       /* Make the range's refcount block exist (it takes the range's
@@ -561,10 +608,6 @@ qcow2_alloc_clusters (struct qcow2_image *img, uint64_t n,
       run_len++;
     i++;
   }
-  if (run_start + n > (QCOW2_L2E_OFFSET_MASK >> img->cluster_bits)) {
-    qcow2_error ("%s: no space left for new clusters", img->filename);
-    return -ENOSPC;
-  }
   /* Refcounts say these are free; make sure no metadata lives there. */
   r = qcow2_overlap_check (img, run_start << img->cluster_bits,
                            n << img->cluster_bits, QCOW2_META_NONE);
@@ -579,6 +622,18 @@ qcow2_alloc_clusters (struct qcow2_image *img, uint64_t n,
   *offset_out = run_start << img->cluster_bits;
   grow_file_size (img, (run_start + n) << img->cluster_bits);
   return 0;
+}
+
+int
+qcow2_alloc_clusters_try (struct qcow2_image *img, uint64_t n,
+                          uint64_t *offset_out)
+{
+  int r;
+
+  img->w->enospc_quiet = true;
+  r = qcow2_alloc_clusters (img, n, offset_out);
+  img->w->enospc_quiet = false;
+  return r;
 }
 
 int

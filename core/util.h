@@ -101,4 +101,18 @@ range_exceeds (uint64_t off, uint64_t len, uint64_t limit)
 void qcow2_error (const char *fmt, ...)
   __attribute__ ((format (printf, 1, 2)));
 
+/* Are all len bytes zero?  The first 16 directly, then the rest
+ * against its shifted self (one memcmp, as nbdkit's is_zero).
+ */
+static inline bool
+is_zero (const void *buf, size_t len)
+{
+  const unsigned char *p = buf;
+
+  for (size_t i = 0; i < len && i < 16; i++)
+    if (p[i])
+      return false;
+  return len <= 16 || memcmp (p, p + 16, len - 16) == 0;
+}
+
 #endif /* QCOW2_UTIL_H */

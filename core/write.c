@@ -163,7 +163,8 @@ new_clusters (struct qcow2_image *img, uint64_t guest, uint64_t n,
     return 0;
   }
   pthread_mutex_lock (&img->w->lock);
-  r = qcow2_alloc_clusters (img, n, host);
+  r = n > 1 ? qcow2_alloc_clusters_try (img, n, host)   /* see below */
+            : qcow2_alloc_clusters (img, n, host);
   pthread_mutex_unlock (&img->w->lock);
   return r;
 }
@@ -176,7 +177,9 @@ owned_entry (uint64_t host)
 }
 
 /* Whole clusters [guest, guest + n * cluster) that all need new host
- * clusters: one allocation, one write straight from buf.
+ * clusters: one allocation, one write straight from buf.  Where no run
+ * of n free clusters exists (a fixed-size container has no end to grow
+ * past), the halves are written separately, down to single clusters.
  */
 static int
 write_whole_clusters (struct qcow2_image *img, const unsigned char *buf,
@@ -185,6 +188,14 @@ write_whole_clusters (struct qcow2_image *img, const unsigned char *buf,
   uint64_t host;
   int r = new_clusters (img, guest, n, &host);
 
+  if (r == -ENOSPC && n > 1) {
+    uint64_t half = n / 2;
+    r = write_whole_clusters (img, buf, half, guest);
+    if (r == 0)
+      r = write_whole_clusters (img, buf + (half << img->cluster_bits),
+                                n - half, guest + (half << img->cluster_bits));
+    return r;
+  }
   if (r == 0)
     r = write_host (img, buf, n << img->cluster_bits, host, guest);
   for (uint64_t i = 0; r == 0 && i < n; i++) {
