@@ -40,9 +40,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Must match plugin/qcow2.c. */
-#define COMPRESSED_EXPORT "qcow2:compressed"
-#define COMPRESSED_DESCRIPTION "active image, compressing whole-cluster writes"
+#include "compressed-export.h"
 
 #define MAX_TRACKED 4096        /* partly written units remembered */
 #define MAX_INTERVALS 8         /* written pieces remembered per unit */

@@ -1,6 +1,6 @@
-/* Snapshot operations from plugin keys (snapshots.c). */
-#ifndef QCOW2_PLUGIN_SNAPSHOTS_H
-#define QCOW2_PLUGIN_SNAPSHOTS_H
+/* Snapshot operations from keys (snapshots.c). */
+#ifndef QCOW2_ADAPTER_SNAPSHOTS_H
+#define QCOW2_ADAPTER_SNAPSHOTS_H
 
 struct qcow2_image;
 

@@ -1,5 +1,6 @@
-/* Plugin keys that create an image or grow one, mapped onto the engine's
- * qcow2_create and qcow2_resize.  Names and values follow
+/* Keys that create an image or grow one, mapped onto the engine's
+ * qcow2_create (a file: the plugin), qcow2_create_io (a container: the
+ * filter) and qcow2_resize.  Names and values follow
  * `qemu-img create -f qcow2 -o ...`, with nbdkit's spelling of keys.
  *
  * Safety rule: an existing file is never replaced unless overwrite=true,
@@ -17,6 +18,7 @@
 
 static bool create, overwrite, resize;
 static int64_t size = -1;
+static const char *size_key = "size";
 static bool creation_key_given;   /* a key that only makes sense with create */
 static struct qcow2_create_options copts;
 static bool copts_ready;
@@ -137,6 +139,12 @@ image_option (const char *key, const char *value)
   return 0;
 }
 
+void
+create_set_size_key (const char *key)
+{
+  size_key = key;
+}
+
 int
 create_config (const char *key, const char *value)
 {
@@ -149,7 +157,7 @@ create_config (const char *key, const char *value)
     return parse_bool_into (value, &overwrite);
   if (strcmp (key, "resize") == 0)
     return parse_bool_into (value, &resize);
-  if (strcmp (key, "size") == 0) {
+  if (strcmp (key, size_key) == 0) {
     size = nbdkit_parse_size (value);
     return size == -1 ? -1 : 0;
   }
@@ -184,12 +192,12 @@ create_config_complete (const char *filename)
     return -1;
   }
   if (create && size == -1 && !copts.backing_file) {
-    nbdkit_error ("create=true needs size= (or a backing-file= to take the "
-                  "size from)");
+    nbdkit_error ("create=true needs %s= (or a backing-file= to take the "
+                  "size from)", size_key);
     return -1;
   }
   if (resize && size == -1) {
-    nbdkit_error ("resize=true needs size=");
+    nbdkit_error ("resize=true needs %s=", size_key);
     return -1;
   }
   return 0;
@@ -210,6 +218,20 @@ create_image (const char *filename, const char *passphrase,
 }
 
 int
+create_image_io (struct qcow2_io *io, const char *name,
+                 const char *passphrase, const char *backing_dir)
+{
+  if (!create)
+    return 0;
+  copts.filename = name;
+  copts.size = size == -1 ? 0 : (uint64_t) size;
+  copts.overwrite = overwrite;
+  copts.passphrase = passphrase;
+  copts.backing_dir = backing_dir;
+  return qcow2_create_io (&copts, io) < 0 ? -1 : 0;
+}
+
+int
 create_resize (struct qcow2_image *image)
 {
   uint64_t cur = qcow2_get_size (image);
@@ -217,8 +239,8 @@ create_resize (struct qcow2_image *image)
   if (create || size == -1 || (uint64_t) size == cur)
     return 0;
   if (!resize) {
-    nbdkit_error ("size=%" PRIi64 " differs from the image's size %" PRIu64
-                  "; add resize=true to grow it", size, cur);
+    nbdkit_error ("%s=%" PRIi64 " differs from the image's size %" PRIu64
+                  "; add resize=true to grow it", size_key, size, cur);
     return -1;
   }
   if (qcow2_enable_write (image) < 0 ||

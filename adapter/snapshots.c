@@ -1,4 +1,4 @@
-/* Plugin keys that create, delete and apply internal snapshots before the
+/* Keys that create, delete and apply internal snapshots before the
  * image is served, like `qemu-img snapshot -c/-d/-a`, mapped onto the
  * engine's qcow2_snapshot_create/delete/apply.
  *
