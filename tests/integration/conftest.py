@@ -4,8 +4,14 @@ QEMU is the oracle: images are made with qemu-img / qemu-io, served with
 the plugin, and what an NBD client reads is compared with
 `qemu-img convert -O raw` of the same image.
 
+The engine runs in one of three layers (the `layer` fixture; see
+serve()): the plugin over the image file, or nbdkit-qcow2-filter over
+nbdkit's file plugin holding the image, or over the data plugin holding a
+copy of it in memory.
+
 Environment:
   QCOW2_PLUGIN   path of nbdkit-qcow2-plugin.so (default: build/plugin/...)
+  QCOW2_FILTER   path of nbdkit-qcow2-filter.so (default: build/filters/...)
   QCOW2_NBDKIT_ENV  extra environment for nbdkit, "K=V K=V" (sanitizer runs
                  use it for LD_PRELOAD and ASAN_OPTIONS)
 """
@@ -26,6 +32,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PLUGIN = os.environ.get(
     "QCOW2_PLUGIN", os.path.join(ROOT, "build", "plugin", "nbdkit-qcow2-plugin.so"))
+FILTER = os.environ.get(
+    "QCOW2_FILTER",
+    os.path.join(ROOT, "build", "filters", "qcow2", "nbdkit-qcow2-filter.so"))
 
 CHUNK = 32 << 20
 
@@ -65,9 +74,79 @@ def qemu_raw(image, tmp_path, *convert_args):
     return out
 
 
+# --------------------------------------------------------------------------
+# The layer that runs the engine
+
+# "plugin": nbdkit-qcow2-plugin on the image file.
+# "filter-file": nbdkit-qcow2-filter over nbdkit's file plugin on the image
+#   file, a fixed-size container (grown first to leave room for writes).
+# "filter-memory": the filter over nbdkit's data plugin holding a copy of
+#   the image in memory (reads only: writes do not reach the file).
+WRITE_LAYERS = ("plugin", "filter-file")
+READ_LAYERS = WRITE_LAYERS + ("filter-memory",)
+_layer = ["plugin"]
+
+# Keys only the plugin has (the filter refuses them).
+PLUGIN_ONLY_KEYS = ("locking=", "data-file=")
+
+
+def _use_layer(request):
+    _layer[0] = request.param
+    yield request.param
+    _layer[0] = "plugin"
+
+
+# Test modules opt in with pytestmark = pytest.mark.usefixtures(...): every
+# test then runs once per layer.
+write_layer = pytest.fixture(params=WRITE_LAYERS, name="write_layer")(_use_layer)
+read_layer = pytest.fixture(params=READ_LAYERS, name="read_layer")(_use_layer)
+
+
+def only_plugin(what):
+    """Skip in the filter's layers a test of what only the plugin does."""
+    if _layer[0] != "plugin":
+        pytest.skip("%s: the plugin's alone" % what)
+
+
+def container_room(image):
+    """Bytes a file holding image should have so that writes fit in it as
+    a container: its size now plus twice the virtual disk and 32 MiB."""
+    size = os.path.getsize(image)
+    with open(image, "rb") as f:
+        head = f.read(32)
+    if len(head) < 32 or head[:4] != b"QFI\xfb":
+        return size
+    vsize = int.from_bytes(head[24:32], "big")
+    return (size + 2 * vsize + (32 << 20) + (1 << 20) - 1) & ~((1 << 20) - 1)
+
+
+def engine_args(image, params, readonly, plugin=None):
+    """nbdkit's arguments that run the engine on image in the current
+    layer, with the test's params (plugin spelling)."""
+    params = [str(p) for p in params]
+    layer = _layer[0]
+    if layer == "plugin":
+        return [plugin or PLUGIN, "file=" + str(image), *params]
+    for p in params:
+        if p.startswith(PLUGIN_ONLY_KEYS):
+            pytest.skip("%s is a key of the plugin only" % p.split("=")[0])
+    # The filter names the virtual size qcow2-size= (size= is the plugin
+    # below's), and finds the files an image names in backing-dir=.
+    params = ["qcow2-" + p if p.startswith("size=") else p for p in params]
+    params.append("backing-dir=" + os.path.dirname(os.path.abspath(image)))
+    if layer == "filter-file":
+        if not readonly and os.path.exists(image):
+            room = container_room(image)
+            if os.path.getsize(image) < room:
+                os.truncate(image, room)
+        return ["--filter=" + FILTER, "file", "file=" + str(image), *params]
+    return ["--filter=" + FILTER, "data", "data=<" + str(image),
+            "size=%d" % container_room(image), *params]
+
+
 @contextlib.contextmanager
 def serve(image, *params, plugin=None, readonly=False):
-    """Serve image with the plugin on a private Unix socket; yield the URI.
+    """Serve image with the engine on a private Unix socket; yield the URI.
 
     params are extra key=value strings (or paths).  readonly=True serves
     with nbdkit -r.  The server is killed on exit and its stderr is
@@ -79,7 +158,7 @@ def serve(image, *params, plugin=None, readonly=False):
     errlog = open(os.path.join(d, "stderr"), "w+")
     cmd = ["nbdkit", *(["-r"] if readonly else []), "-f", "-U", sock,
            "-P", pidfile, "-D", "nbdkit.backend.datapath=0",
-           plugin or PLUGIN, "file=" + str(image), *[str(p) for p in params]]
+           *engine_args(image, params, readonly, plugin)]
     p = subprocess.Popen(cmd, stderr=errlog, env=nbdkit_env())
     try:
         deadline = time.monotonic() + 60

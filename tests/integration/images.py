@@ -16,7 +16,7 @@ import time
 import pytest
 
 import conftest
-from conftest import (PLUGIN, assert_same_as_raw, extents,
+from conftest import (engine_args, assert_same_as_raw, extents,
                       nbdkit_env, qemu_img, qemu_io, qemu_raw, run)
 
 QCOW2_MAGIC = 0x514649FB
@@ -390,10 +390,10 @@ def check_extents(h, img, raw_path=None, map_args=(), zero_required=False,
 
 def nbdkit_run(image, *params, run_cmd, stdin=None, pass_fds=(),
                timeout=60):
-    """nbdkit -r -U - PLUGIN file=image params --run run_cmd; returns
+    """nbdkit -r -U - (the engine on image) params --run run_cmd; returns
     CompletedProcess (text)."""
-    cmd = ["nbdkit", "-r", "-U", "-", PLUGIN, "file=" + str(image),
-           *[str(p) for p in params], "--run", run_cmd]
+    cmd = ["nbdkit", "-r", "-U", "-", *engine_args(image, params, True),
+           "--run", run_cmd]
     return subprocess.run(cmd, text=True, stdin=stdin, pass_fds=pass_fds,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           env=nbdkit_env(), timeout=timeout)

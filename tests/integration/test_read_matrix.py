@@ -12,6 +12,10 @@ from images import (serve, assert_reads_like_qemu, convert, raw_from_layout,
                     odd_ranges, qemu_range, qemu_verify_pattern,
                     read_header, serve_compare, write_patterns)
 
+# Every test once per layer running the engine (conftest.py): the plugin,
+# the filter over a file, the filter over memory.
+pytestmark = pytest.mark.usefixtures("read_layer")
+
 K = 1024
 M = 1024 * 1024
 G = 1024 * M

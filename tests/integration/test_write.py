@@ -21,7 +21,8 @@ import time
 import nbd
 import pytest
 
-from conftest import PLUGIN, nbdkit_env, qemu_img, qemu_io, run
+from conftest import (engine_args, nbdkit_env, only_plugin,
+                      qemu_img, qemu_io, run)
 from conftest import serve as rw_serve
 from images import (compressed_clusters, convert, create, luks_create,
                     raw_from_layout, read_header, serve as ro_serve,
@@ -29,6 +30,10 @@ from images import (compressed_clusters, convert, create, luks_create,
 from mirror import (Geometry, Src, assert_check_clean, assert_same, drive,
                     drive_and_finish, extents_sane, finish, qemu_raw_bytes,
                     sha256_file, zero_or_prev, connect_meta)
+
+# Every test once per layer running the engine (conftest.py): the plugin,
+# and the filter over a file that holds the image as a container.
+pytestmark = pytest.mark.usefixtures("write_layer")
 
 K = 1024
 M = 1024 * K
@@ -647,8 +652,8 @@ def test_fast_zero(tmp_path):
 
 
 def nbdkit_ro(img, run_cmd, *params):
-    return subprocess.run(["nbdkit", "-r", "-U", "-", PLUGIN,
-                           "file=%s" % img, *params, "--run", run_cmd],
+    return subprocess.run(["nbdkit", "-r", "-U", "-",
+                           *engine_args(img, params, True), "--run", run_cmd],
                           text=True, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, env=nbdkit_env(), timeout=60)
 
@@ -657,6 +662,7 @@ def test_readonly_serve(tmp_path):
     """nbdkit -r: the export is read-only, writes fail, the file stays
     byte-identical, and QEMU readers without -U coexist with it (shared
     read locks) while QEMU writers are kept out."""
+    only_plugin("QEMU's image locks")
     img = make_image(tmp_path / "a.qcow2", 8 * M, "cluster_size=4096")
     h0 = sha256_file(img)
     mirror = qemu_raw_bytes(Src(img), tmp_path)
@@ -685,6 +691,7 @@ def test_readonly_serve(tmp_path):
 def test_rw_lock(tmp_path):
     """Once the plugin writes, QEMU cannot open the image (not even to
     read, as QEMU itself behaves); with locking=false it can."""
+    only_plugin("QEMU's image locks")
     img = make_image(tmp_path / "a.qcow2", 8 * M, "cluster_size=4096")
     for locking in (True, False):
         params = [] if locking else ["locking=false"]
