@@ -9,14 +9,23 @@
  *
  *   .config         our keys (adapter/serve.c, and backing-dir=); the
  *                   rest go down to the plugin;
- *   .get_ready      learns the final thread model: unless PARALLEL, calls
- *                   into the shared context are serialised (io_next.c);
- *   .after_fork     opens ONE context of the layer below, shared by every
+ *   .config_complete  remembers the layer below (nxdata);
+ *   .get_ready      learns the final thread model (unless PARALLEL, calls
+ *                   into the shared context are serialised, io_next.c);
+ *                   opens ONE context of the layer below, shared by every
  *                   connection (nbdkit_next_context_open(..., shared=1)),
  *                   creates the image in it if asked, opens the engine on
  *                   it and runs the startup keys: as the plugin opens its
  *                   image once, so every connection sees every completed
- *                   write, multi-conn is safe and a flush covers all;
+ *                   write, multi-conn is safe and a flush covers all.
+ *                   Here rather than in .after_fork: before nbdkit forks
+ *                   (into the background, or for --run), so that a bad
+ *                   image or a wrong passphrase stops nbdkit with an error
+ *                   and its exit status, as with the plugin.  The layer
+ *                   below has had its own .get_ready; plugins start their
+ *                   background threads in .after_fork, and opening a
+ *                   connection of theirs starts none (file, memory, nbd
+ *                   without shared=, curl, ssh, python);
  *   .open           a connection: the client's export name selects the
  *                   active image or a snapshot exactly as with the plugin;
  *                   the layer below is not opened per connection;
@@ -50,6 +59,7 @@
 #define IMAGE_NAME "qcow2 image in the layer below"
 
 static char *backing_dir;
+static nbdkit_backend *backend;  /* the layer below, from .config_complete */
 static int thread_model = NBDKIT_THREAD_MODEL_PARALLEL;
 static pthread_mutex_t serialise_lock = PTHREAD_MUTEX_INITIALIZER;
 static nbdkit_next *below;       /* the shared context */
@@ -108,6 +118,7 @@ qcow2_filter_config_complete (nbdkit_next_config_complete *next,
 {
   if (create_config_complete (NULL) == -1)
     return -1;
+  backend = nxdata;
   return next (nxdata);
 }
 
@@ -117,13 +128,6 @@ qcow2_filter_config_complete (nbdkit_next_config_complete *next,
   "                       are found (refused without it).\n" \
   SNAPSHOTS_CONFIG_HELP \
   CREATE_CONFIG_HELP_SIZED ("qcow2-size", "container")
-
-static int
-qcow2_filter_get_ready (int model)
-{
-  thread_model = model;
-  return 0;
-}
 
 /* Open the layer below read-write where it allows (the image becomes
  * writable only at the first write), else read-only.
@@ -170,13 +174,14 @@ new_io (struct qcow2_io **io)
 }
 
 static int
-qcow2_filter_after_fork (nbdkit_backend *backend)
+qcow2_filter_get_ready (int model)
 {
   struct qcow2_open_options opts;
   struct qcow2_image *image;
   struct qcow2_io *io;
   int r;
 
+  thread_model = model;
   below = open_below (backend);
   if (!below) {
     nbdkit_error ("%s: cannot open the layer below", IMAGE_NAME);
@@ -423,7 +428,6 @@ static struct nbdkit_filter filter = {
   .config_complete = qcow2_filter_config_complete,
   .config_help = qcow2_filter_config_help,
   .get_ready = qcow2_filter_get_ready,
-  .after_fork = qcow2_filter_after_fork,
   .cleanup = qcow2_filter_cleanup,
   .open = qcow2_filter_open,
   .close = qcow2_filter_close,

@@ -82,7 +82,10 @@ def qemu_raw(image, tmp_path, *convert_args):
 #   file, a fixed-size container (grown first to leave room for writes).
 # "filter-memory": the filter over nbdkit's data plugin holding a copy of
 #   the image in memory (reads only: writes do not reach the file).
+# "filter-nbd", "filter-qemu-nbd": the filter over nbdkit's nbd plugin,
+#   connected to nbdkit's file plugin or to qemu-nbd serving the file raw.
 WRITE_LAYERS = ("plugin", "filter-file")
+NBD_LAYERS = ("filter-nbd", "filter-qemu-nbd")
 READ_LAYERS = WRITE_LAYERS + ("filter-memory",)
 _layer = ["plugin"]
 
@@ -100,6 +103,7 @@ def _use_layer(request):
 # test then runs once per layer.
 write_layer = pytest.fixture(params=WRITE_LAYERS, name="write_layer")(_use_layer)
 read_layer = pytest.fixture(params=READ_LAYERS, name="read_layer")(_use_layer)
+nbd_layer = pytest.fixture(params=NBD_LAYERS, name="nbd_layer")(_use_layer)
 
 
 def only_plugin(what):
@@ -120,12 +124,17 @@ def container_room(image):
     return (size + 2 * vsize + (32 << 20) + (1 << 20) - 1) & ~((1 << 20) - 1)
 
 
-def engine_args(image, params, readonly, plugin=None):
+def engine_args(image, params, readonly, plugin=None, below=(),
+                lower_sock=None, room=True):
     """nbdkit's arguments that run the engine on image in the current
-    layer, with the test's params (plugin spelling)."""
+    layer, with the test's params (plugin spelling).  below: nbdkit
+    filters to put under nbdkit-qcow2-filter (filter layers only).
+    lower_sock: the lower server of an nbd layer (see serve()).  room:
+    grow the file to leave room for writes (container_room)."""
     params = [str(p) for p in params]
     layer = _layer[0]
     if layer == "plugin":
+        assert not below, "filters below the engine need a filter layer"
         return [plugin or PLUGIN, "file=" + str(image), *params]
     for p in params:
         if p.startswith(PLUGIN_ONLY_KEYS):
@@ -134,31 +143,93 @@ def engine_args(image, params, readonly, plugin=None):
     # below's), and finds the files an image names in backing-dir=.
     params = ["qcow2-" + p if p.startswith("size=") else p for p in params]
     params.append("backing-dir=" + os.path.dirname(os.path.abspath(image)))
+    filters = ["--filter=" + FILTER, *["--filter=" + f for f in below]]
+    if layer in NBD_LAYERS:
+        if not lower_sock:
+            pytest.skip("the %s layer needs serve()" % layer)
+        return [*filters, "nbd", "socket=" + lower_sock, *params]
     if layer == "filter-file":
-        if not readonly and os.path.exists(image):
-            room = container_room(image)
-            if os.path.getsize(image) < room:
-                os.truncate(image, room)
-        return ["--filter=" + FILTER, "file", "file=" + str(image), *params]
-    return ["--filter=" + FILTER, "data", "data=<" + str(image),
+        if room and not readonly:
+            make_room(image)
+        return [*filters, "file", "file=" + str(image), *params]
+    return [*filters, "data", "data=<" + str(image),
             "size=%d" % container_room(image), *params]
 
 
+def make_room(image):
+    """Grow a file holding an image so that writes fit in it."""
+    if os.path.exists(image):
+        room = container_room(image)
+        if os.path.getsize(image) < room:
+            os.truncate(image, room)
+
+
 @contextlib.contextmanager
-def serve(image, *params, plugin=None, readonly=False):
+def lower_server(image, layer, readonly, room=True):
+    """The server below an nbd layer: nbdkit's file plugin, or qemu-nbd,
+    serving the file holding the image raw on a Unix socket.  Yields the
+    socket and the process."""
+    d = tempfile.mkdtemp(prefix="qcow2-lower-")
+    sock = os.path.join(d, "sock")
+    if room and not readonly:
+        make_room(image)
+    ro = ["-r"] if readonly else []
+    if layer == "filter-nbd":
+        cmd = ["nbdkit", *ro, "-f", "-U", sock, "file", str(image)]
+    else:
+        cmd = ["qemu-nbd", *ro, "-f", "raw", "--discard=unmap", "-t",
+               "-k", sock, str(image)]
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sock):
+            if p.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("%s did not start: %s"
+                                   % (cmd[0], p.stderr.read()))
+            time.sleep(0.02)
+        yield sock, p
+    finally:
+        p.terminate()
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        p.stderr.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def serve(image, *params, plugin=None, readonly=False, below=(), room=True):
     """Serve image with the engine on a private Unix socket; yield the URI.
 
     params are extra key=value strings (or paths).  readonly=True serves
-    with nbdkit -r.  The server is killed on exit and its stderr is
-    available as the .stderr attribute of the yielded object.
+    with nbdkit -r.  below: nbdkit filters under nbdkit-qcow2-filter.  The
+    server is killed on exit and its stderr is available as the .stderr
+    attribute of the yielded object (.lower: the lower server's process
+    in the nbd layers).  room=False leaves a container file as it is.
     """
+    with contextlib.ExitStack() as stack:
+        lower = None
+        if _layer[0] in NBD_LAYERS:
+            lower = stack.enter_context(
+                lower_server(image, _layer[0], readonly, room))
+        args = engine_args(image, params, readonly, plugin, below,
+                           lower[0] if lower else None, room)
+        srv = stack.enter_context(nbdkit_server(args, readonly))
+        srv.lower = lower[1] if lower else None
+        yield srv
+
+
+@contextlib.contextmanager
+def nbdkit_server(args, readonly=False):
+    """nbdkit with args on a private Unix socket, in the foreground."""
     d = tempfile.mkdtemp(prefix="qcow2-serve-")
     sock = os.path.join(d, "sock")
     pidfile = os.path.join(d, "pid")
     errlog = open(os.path.join(d, "stderr"), "w+")
     cmd = ["nbdkit", *(["-r"] if readonly else []), "-f", "-U", sock,
-           "-P", pidfile, "-D", "nbdkit.backend.datapath=0",
-           *engine_args(image, params, readonly, plugin)]
+           "-P", pidfile, "-D", "nbdkit.backend.datapath=0", *args]
     p = subprocess.Popen(cmd, stderr=errlog, env=nbdkit_env())
     try:
         deadline = time.monotonic() + 60
@@ -169,7 +240,7 @@ def serve(image, *params, plugin=None, readonly=False):
             if time.monotonic() > deadline:
                 raise RuntimeError("nbdkit did not start")
             time.sleep(0.02)
-        yield Server("nbd+unix:///?socket=" + sock, sock, errlog)
+        yield Server("nbd+unix:///?socket=" + sock, sock, errlog, p)
     finally:
         p.terminate()
         try:
@@ -182,10 +253,12 @@ def serve(image, *params, plugin=None, readonly=False):
 
 
 class Server:
-    def __init__(self, uri, sock, errlog):
+    def __init__(self, uri, sock, errlog, process=None):
         self.uri = uri
         self.sock = sock
         self._errlog = errlog
+        self.process = process
+        self.lower = None
 
     @property
     def stderr(self):

@@ -33,7 +33,7 @@ import nbd
 import pytest
 
 from conftest import extents, qemu_img, serve as rw_serve
-from images import read_header, serve as ro_serve
+from images import create, read_header, serve as ro_serve, write
 
 K = 1024
 M = 1024 * K
@@ -443,6 +443,55 @@ class Driver:
 
 
 # --------------------------------------------------------------------------
+# Building the starting images
+
+def prefill_cmds(size, cs, sub=None, compressed=True, zero=True):
+    """qemu-io commands that leave a bit of everything: data clusters,
+    partial ones, compressed clusters, preallocated and plain zero
+    clusters, data across an L2 boundary and at the end of the disk."""
+    nc = size // cs
+
+    def at(frac):
+        return (int(nc * frac) % nc) * cs
+
+    cmds = ["write -P 0x11 0 %d" % min(size, 3 * cs + 100),
+            "write -P 0x12 %d %d" % (at(0.3) + 7, min(cs, 5000)),
+            "write -P 0x13 %d %d" % (at(0.5), min(2 * cs, size - at(0.5))),
+            "write -P 0x14 %d %d" % (size - min(size, 3 * cs + 33),
+                                     min(size, 3 * cs + 33))]
+    if zero:
+        a = at(0.5)
+        cmds.append("write -z %d %d" % (a, cs))             # zero, allocated
+        if a + 2 * cs <= size:
+            cmds.append("write -z -u %d %d" % (a + cs, cs))  # zero, plain
+        cmds.append("write -z -u %d %d" % (at(0.7), min(4 * cs, size - at(0.7))))
+    if compressed and at(0.6) + 2 * cs <= size:
+        cmds.append("write -c -P 0x15 %d %d" % (at(0.6), 2 * cs))
+        cmds.append("write -c -P 0x16 %d %d" % (at(0.6) + 2 * cs, cs)
+                    if at(0.6) + 3 * cs <= size else "write -P 0x16 0 1")
+    if sub:
+        b = at(0.4)
+        cmds += ["write -P 0x17 %d %d" % (b + 3 * sub, 5 * sub),
+                 "write -P 0x18 %d %d" % (b + cs + 17, sub),
+                 "write -z %d %d" % (b + 4 * sub, 2 * sub)]
+    span = cs * (cs // (16 if sub else 8))
+    if span < size:
+        cmds.append("write -P 0x19 %d %d" % (span - cs - 300, 2 * cs + 600))
+    return cmds
+
+
+def make_image(path, size, *opts, prefill=True, compressed=True, **kw):
+    img = create(path, size, *opts, **kw)
+    if prefill:
+        h = read_header(img)
+        cs = 1 << h["cluster_bits"]
+        size = h["size"]
+        sub = cs // 32 if h["incompatible"] & 16 else None
+        write(img, *prefill_cmds(size, cs, sub, compressed=compressed))
+    return img
+
+
+# --------------------------------------------------------------------------
 # Whole runs
 
 def extents_sane(h, mirror, what=""):
@@ -516,9 +565,10 @@ class Watchdog:
 
 def drive(img, tmpdir, seed, nops, src=None, params=(), connections=2,
           mirror=None, timeout=120, max_file_size=None, storm=False,
-          **driver_kw):
+          below=(), **driver_kw):
     """Serve img read-write, run the driver, close.  Returns the mirror
-    and the driver (for stats)."""
+    and the driver (for stats).  below: nbdkit filters under the engine
+    (serve())."""
     src = src or Src(img)
     if mirror is None:
         mirror = initial_mirror(src, tmpdir)
@@ -527,7 +577,7 @@ def drive(img, tmpdir, seed, nops, src=None, params=(), connections=2,
         # Data, metadata and a snapshot or two: never more than a few
         # times the disk (or the file as it was).
         max_file_size = 4 * len(mirror) + 2 * os.path.getsize(img) + 64 * M
-    with rw_serve(img, *src.serve_params(), *params) as srv, \
+    with rw_serve(img, *src.serve_params(), *params, below=below) as srv, \
             Watchdog(srv, img, timeout, max_file_size):
         hs = [connect_meta(srv.uri) for _ in range(connections)]
         for h in hs:
