@@ -45,11 +45,13 @@
 #include <nbdkit-filter.h>
 
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "io_next.h"
 #include "qcow2.h"
@@ -151,6 +153,48 @@ open_below (nbdkit_backend *backend)
   return n;
 }
 
+/* nbdkit 1.32 makes its quit pipe only after .get_ready, and until then
+ * nbdkit_nanosleep polls fd 0 in its place: a filter or plugin below
+ * that sleeps while we open it (delay; retry after a failure) trips an
+ * assertion in nbdkit when stdin is readable (/dev/null under systemd).
+ * While the layer below is opened and read, fd 0 is a pipe that never
+ * becomes readable; stdin is put back afterwards.
+ */
+struct quiet_stdin {
+  int saved, writer;
+};
+
+static void
+quiet_stdin_begin (struct quiet_stdin *q)
+{
+  int p[2];
+
+  q->saved = dup (0);
+  q->writer = -1;
+  if (pipe2 (p, O_CLOEXEC) == -1)
+    return;
+  if (dup2 (p[0], 0) == -1) {
+    close (p[1]);
+    p[1] = -1;
+  }
+  close (p[0]);
+  q->writer = p[1];
+}
+
+static void
+quiet_stdin_end (struct quiet_stdin *q)
+{
+  if (q->writer == -1)
+    return;
+  if (q->saved >= 0)
+    dup2 (q->saved, 0);
+  else
+    close (0);
+  close (q->writer);
+  if (q->saved >= 0)
+    close (q->saved);
+}
+
 static void
 close_below (void)
 {
@@ -174,14 +218,13 @@ new_io (struct qcow2_io **io)
 }
 
 static int
-qcow2_filter_get_ready (int model)
+open_image (void)
 {
   struct qcow2_open_options opts;
   struct qcow2_image *image;
   struct qcow2_io *io;
   int r;
 
-  thread_model = model;
   below = open_below (backend);
   if (!below) {
     nbdkit_error ("%s: cannot open the layer below", IMAGE_NAME);
@@ -210,6 +253,19 @@ qcow2_filter_get_ready (int model)
   if (r < 0)
     return -1;
   return serve_ready (image, IMAGE_NAME);
+}
+
+static int
+qcow2_filter_get_ready (int model)
+{
+  struct quiet_stdin q;
+  int r;
+
+  thread_model = model;
+  quiet_stdin_begin (&q);
+  r = open_image ();
+  quiet_stdin_end (&q);
+  return r;
 }
 
 static void

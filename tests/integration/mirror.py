@@ -565,10 +565,11 @@ class Watchdog:
 
 def drive(img, tmpdir, seed, nops, src=None, params=(), connections=2,
           mirror=None, timeout=120, max_file_size=None, storm=False,
-          below=(), **driver_kw):
+          below=(), final_flush=False, **driver_kw):
     """Serve img read-write, run the driver, close.  Returns the mirror
     and the driver (for stats).  below: nbdkit filters under the engine
-    (serve())."""
+    (serve()).  final_flush: flush before closing, for layers below that
+    refuse I/O once nbdkit shuts down (NBD promises only flushed data)."""
     src = src or Src(img)
     if mirror is None:
         mirror = initial_mirror(src, tmpdir)
@@ -588,6 +589,8 @@ def drive(img, tmpdir, seed, nops, src=None, params=(), connections=2,
         except nbd.Error as e:
             d.fail("%s\nserver stderr (tail):\n%s"
                    % (e, "\n".join(srv.stderr.splitlines()[-15:])))
+        if final_flush:
+            hs[0].flush()
         for h in hs:
             h.shutdown()
     return mirror, d
