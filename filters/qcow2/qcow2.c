@@ -46,6 +46,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -205,6 +206,28 @@ close_below (void)
   }
 }
 
+/* The engine writes metadata in small pieces (an 8-byte L1 entry, a
+ * 512-byte slice): a layer below that needs larger aligned requests
+ * (S3's object size) must have nbdkit's blocksize filter in between,
+ * which reads, modifies and writes whole blocks, with the locking that
+ * needs.
+ */
+static int
+check_block_size (void)
+{
+  uint32_t minimum, preferred, maximum;
+
+  if (below->block_size (below, &minimum, &preferred, &maximum) == -1)
+    return -1;
+  if (minimum > 1) {
+    nbdkit_error ("%s: the layer below needs requests in multiples of %"
+                  PRIu32 " bytes: put --filter=blocksize after "
+                  "--filter=qcow2", IMAGE_NAME, minimum);
+    return -1;
+  }
+  return 0;
+}
+
 static int
 new_io (struct qcow2_io **io)
 {
@@ -230,6 +253,8 @@ open_image (void)
     nbdkit_error ("%s: cannot open the layer below", IMAGE_NAME);
     return -1;
   }
+  if (check_block_size () == -1)
+    return -1;
   if (create_requested ()) {
     if (new_io (&io) < 0 ||
         create_image_io (io, IMAGE_NAME, serve_passphrase (),

@@ -444,3 +444,20 @@ def test_snapshot_exports(tmp_path):
         readonly=True)
     assert p.returncode == 0, p.stderr
     assert_same(out.read_bytes(), want, "snapshot export")
+
+
+def test_layer_below_with_large_blocks(tmp_path):
+    """A layer below that wants aligned blocks (here 4K, as S3 wants its
+    object size) is refused with the remedy, and works through nbdkit's
+    blocksize filter."""
+    img = make_image(tmp_path / "a.qcow2", 8 * M, "cluster_size=4096")
+    policy = ["--filter=blocksize-policy", "file", str(img),
+              "blocksize-minimum=4096"]
+    p = start_filter(policy)
+    assert p.returncode != 0 and "--filter=blocksize" in p.stderr, p.stderr
+    want = qemu_raw_bytes(Src(img), tmp_path)
+    out = tmp_path / "out.raw"
+    p = nbdkit_filter_run(["--filter=blocksize", *policy],
+                          "nbdcopy \"$uri\" %s" % out)
+    assert p.returncode == 0, p.stderr
+    assert_same(out.read_bytes(), want, "through blocksize")
