@@ -66,12 +66,13 @@ def qemu_raw(image, tmp_path, *convert_args):
 
 
 @contextlib.contextmanager
-def serve(image, *params, plugin=None, readonly=False):
+def serve(image, *params, plugin=None, readonly=False, filters=()):
     """Serve image with the plugin on a private Unix socket; yield the URI.
 
     params are extra key=value strings (or paths).  readonly=True serves
-    with nbdkit -r.  The server is killed on exit and its stderr is
-    available as the .stderr attribute of the yielded object.
+    with nbdkit -r; filters are --filter= arguments, outermost first.
+    The server is killed on exit and its stderr is available as the
+    .stderr attribute of the yielded object.
     """
     d = tempfile.mkdtemp(prefix="qcow2-serve-")
     sock = os.path.join(d, "sock")
@@ -79,7 +80,8 @@ def serve(image, *params, plugin=None, readonly=False):
     errlog = open(os.path.join(d, "stderr"), "w+")
     cmd = ["nbdkit", *(["-r"] if readonly else []), "-f", "-U", sock,
            "-P", pidfile, "-D", "nbdkit.backend.datapath=0",
-           plugin or PLUGIN, "file=" + str(image), *[str(p) for p in params]]
+           *["--filter=" + f for f in filters], plugin or PLUGIN,
+           "file=" + str(image), *[str(p) for p in params]]
     p = subprocess.Popen(cmd, stderr=errlog, env=nbdkit_env())
     try:
         deadline = time.monotonic() + 60
