@@ -37,6 +37,7 @@ def _load(name, path):
 
 integration = _load("integration_conftest", os.path.join(INTEGRATION, "conftest.py"))
 PLUGIN = integration.PLUGIN
+ROOT = integration.ROOT
 Server = integration.Server
 assert_same_as_raw = integration.assert_same_as_raw
 extents = integration.extents

@@ -26,7 +26,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 
-from conftest import qemu_img, run
+from conftest import qemu_img, run, serve
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 INIT = os.path.join(HERE, "guest-init.sh")
@@ -45,8 +45,14 @@ FILES = ["/etc/mke2fs.conf"]
 # a hung guest, not a slow one.
 BOOT_TIMEOUT = 300
 
-# Names /init writes and deletes (guest-init.sh, write and trim steps).
+# Names /init writes and deletes (guest-init.sh, write and trim steps);
+# f1 is 8 MiB from /dev/urandom.
 GUEST_FILES = ("f1", "f2", "f3")
+F1_SIZE = 8 << 20
+
+# Steps of the two boots of write_then_trim.
+WRITE = ["mkfs", "write", "sums"]
+TRIM = ["sums", "trim", "sums"]
 
 
 class GuestUnavailable(Exception):
@@ -297,3 +303,44 @@ def assert_clean(image):
     p = qemu_img("check", "--output=json", image, check=False)
     assert p.returncode == 0, "qemu-img check %s:\n%s%s" % (image, p.stdout, p.stderr)
     return json.loads(p.stdout)
+
+
+# --------------------------------------------------------------------------
+# The scenario every stack runs
+
+def write_then_trim(image, workdir, boot, before=None, filters=()):
+    """Two boots on image served by the plugin (through filters): write,
+    then read back and trim.  boot(sock, steps) boots the guest on the
+    export at Unix socket sock and returns its Outcome.  before: {name:
+    sha256} of the files already in the file system (None: the guest
+    formats it first).
+
+    After each boot the image passes qemu-img check and the host reads
+    the files the guest reported; after the trim the image's allocation
+    (on the host, and data per qemu-img map) has shrunk by at least f1,
+    whose random bytes nothing can compress.  Returns the qemu-img check
+    report after the first boot."""
+    before = before or {}
+    first = WRITE if not before else ["sums", "write", "sums"]
+    with serve(image, filters=filters) as srv:
+        out = boot(srv.sock, first)
+    if before:
+        assert out.sums[0] == before
+    written = out.sums[-1]
+    assert set(written) == set(before) | set(GUEST_FILES)
+    report = assert_clean(image)
+    assert host_files(image, workdir) == written
+    allocated = allocation(image)
+
+    with serve(image, filters=filters) as srv:
+        out = boot(srv.sock, TRIM)
+    assert out.sums[0] == written, "the second boot reads other data"
+    assert out.sums[1] == before
+    assert_clean(image)
+    assert host_files(image, workdir) == before
+    host, data = allocation(image)
+    assert host <= allocated[0] - F1_SIZE, (
+        "file allocation %d -> %d after fstrim" % (allocated[0], host))
+    assert data <= allocated[1] - F1_SIZE, (
+        "qemu-img map data %d -> %d after fstrim" % (allocated[1], data))
+    return report

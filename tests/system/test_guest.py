@@ -26,9 +26,6 @@ from conftest import COMPRESS_FILTER, qemu_img, serve
 import guest as g
 
 SIZE = "128M"
-F1_SIZE = 8 << 20           # guest-init.sh: f1 is 8 MiB from /dev/urandom
-WRITE = ["mkfs", "write", "sums"]
-TRIM = ["sums", "trim", "sums"]
 
 
 def sha256_file(path):
@@ -59,41 +56,15 @@ def base_files():
     return {"b1": rnd.randbytes(1 << 20), "b2": b"backing file\n" * 5000}
 
 
-def write_then_trim(guest, image, tmp_path, before=None, filters=()):
-    """Two boots on image served by the plugin (through filters): write,
-    then read back and trim.  before: {name: sha256} of the files already
-    in the file system (None: the guest formats it first).  Checks the
-    guest's and the host's views after each boot and the shrinking."""
-    before = before or {}
-    first = WRITE if not before else ["sums", "write", "sums"]
-    with serve(image, filters=filters) as srv:
-        out = g.boot(guest, srv.sock, first, tmp_path)
-    if before:
-        assert out.sums[0] == before
-    written = out.sums[-1]
-    assert set(written) == set(before) | set(g.GUEST_FILES)
-    report = g.assert_clean(image)
-    assert g.host_files(image, tmp_path) == written
-    allocated = g.allocation(image)
-
-    with serve(image, filters=filters) as srv:
-        out = g.boot(guest, srv.sock, TRIM, tmp_path)
-    assert out.sums[0] == written, "the second boot reads other data"
-    assert out.sums[1] == before
-    g.assert_clean(image)
-    assert g.host_files(image, tmp_path) == before
-    host, data = g.allocation(image)
-    assert host <= allocated[0] - F1_SIZE, (
-        "file allocation %d -> %d after fstrim" % (allocated[0], host))
-    assert data <= allocated[1] - F1_SIZE, (
-        "qemu-img map data %d -> %d after fstrim" % (allocated[1], data))
-    return report
+def booter(guest, workdir):
+    """Boot guest with qemu-system-x86_64 on an export: g.boot(guest, ...)."""
+    return lambda sock, steps: g.boot(guest, sock, steps, workdir)
 
 
 def test_plain_image(guest, tmp_path):
     image = str(tmp_path / "disk.qcow2")
     qemu_img("create", "-q", "-f", "qcow2", image, SIZE)
-    write_then_trim(guest, image, tmp_path)
+    g.write_then_trim(image, tmp_path, booter(guest, tmp_path))
 
 
 def test_overlay_over_backing_file(guest, tmp_path):
@@ -102,7 +73,7 @@ def test_overlay_over_backing_file(guest, tmp_path):
     base_sum = sha256_file(base)
     image = str(tmp_path / "overlay.qcow2")
     qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", image)
-    write_then_trim(guest, image, tmp_path, before=files)
+    g.write_then_trim(image, tmp_path, booter(guest, tmp_path), before=files)
     assert sha256_file(base) == base_sum, "the backing file changed"
     g.assert_clean(base)
 
@@ -110,7 +81,8 @@ def test_overlay_over_backing_file(guest, tmp_path):
 def test_compress_filter(guest, tmp_path):
     image = str(tmp_path / "compressed.qcow2")
     qemu_img("create", "-q", "-f", "qcow2", image, SIZE)
-    report = write_then_trim(guest, image, tmp_path, filters=[COMPRESS_FILTER])
+    report = g.write_then_trim(image, tmp_path, booter(guest, tmp_path),
+                                filters=[COMPRESS_FILTER])
     assert report["compressed-clusters"] > 0, report
 
 
@@ -128,7 +100,7 @@ def test_cow_filter(guest, tmp_path):
         assert set(written) == set(files) | set(g.GUEST_FILES)
         assert g.host_files(srv.uri, tmp_path, fmt="raw") == written
 
-        out = g.boot(guest, srv.sock, TRIM, tmp_path)
+        out = g.boot(guest, srv.sock, g.TRIM, tmp_path)
         assert out.sums == [written, files]
         assert g.host_files(srv.uri, tmp_path, fmt="raw") == files
     assert sha256_file(image) == image_sum, "the image under the cow filter changed"
