@@ -230,19 +230,20 @@ def check_outcome(console_path, steps):
 
 def qemu_command(guest, sock, steps, console):
     """qemu-system-x86_64 booting guest with the NBD export at Unix socket
-    sock as its virtio-blk disk; the serial console goes to file console."""
+    sock as its virtio-blk disk; the serial console goes to file console.
+    The disk options are those of README.md ("Boot a VM ...")."""
     # The format node says raw: the export is the guest's disk, never probed.
     # discard=unmap on both nodes passes the guest's trims down to NBD.
-    nbd = {"driver": "nbd", "node-name": "nbd0", "discard": "unmap",
-           "server": {"type": "unix", "path": sock}}
-    raw = {"driver": "raw", "node-name": "disk0", "file": "nbd0",
-           "discard": "unmap"}
+    # (A comma in an option value is written twice.)
+    path = sock.replace(",", ",,")
     return ["qemu-system-x86_64", "-accel", "tcg", "-m", "256", "-smp", "1",
             "-nodefaults", "-nographic", "-no-reboot", "-monitor", "none",
             "-serial", "file:" + console,
             "-kernel", guest.kernel, "-initrd", guest.initramfs,
             "-append", kernel_cmdline(steps),
-            "-blockdev", json.dumps(nbd), "-blockdev", json.dumps(raw),
+            "-blockdev", "driver=nbd,node-name=nbd0,server.type=unix,"
+                         "server.path=%s,discard=unmap" % path,
+            "-blockdev", "driver=raw,node-name=disk0,file=nbd0,discard=unmap",
             "-device", "virtio-blk-pci,drive=disk0"]
 
 
