@@ -26,6 +26,8 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 
+import pytest
+
 from conftest import qemu_img, run, serve
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -216,12 +218,21 @@ def parse_console(text):
     return out
 
 
+def file_tail(path, lines=40):
+    """The last lines of a log (the guest's console), for failure messages."""
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError as e:
+        return str(e)
+
+
 def check_outcome(console_path, steps):
     """Parse the guest's console and fail unless every step ran."""
     with open(console_path, errors="replace") as f:
         text = f.read()
     out = parse_console(text)
-    tail = "\n".join(text.splitlines()[-40:])
+    tail = file_tail(console_path)
     assert out.failed is None, "guest step failed: %s\n%s" % (out.failed, tail)
     assert out.done and out.steps == list(steps), (
         "guest ran %s of %s\n%s" % (out.steps, list(steps), tail))
@@ -252,9 +263,13 @@ def boot(guest, sock, steps, workdir):
     off; returns its Outcome (fails the test if a step failed)."""
     fd, console = tempfile.mkstemp(dir=str(workdir), prefix="console-", suffix=".log")
     os.close(fd)
-    p = subprocess.run(qemu_command(guest, sock, steps, console),
-                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, text=True, timeout=BOOT_TIMEOUT)
+    try:
+        p = subprocess.run(qemu_command(guest, sock, steps, console),
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, timeout=BOOT_TIMEOUT)
+    except subprocess.TimeoutExpired:     # run() has killed QEMU
+        pytest.fail("the guest still ran after %d s:\n%s"
+                    % (BOOT_TIMEOUT, file_tail(console)))
     assert p.returncode == 0, "qemu exited %d: %s" % (p.returncode, p.stdout)
     return check_outcome(console, steps)
 

@@ -16,11 +16,8 @@ writes in the filter's overlay).
 """
 
 import hashlib
-import os
 import random
 import subprocess
-
-import pytest
 
 from conftest import COMPRESS_FILTER, qemu_img, serve
 import guest as g

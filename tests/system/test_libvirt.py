@@ -55,9 +55,20 @@ def listening(path):
         s.close()
 
 
-def read_pid(pidfile):
-    with open(pidfile) as f:
-        return int(f.read().strip())
+def start_daemon(cmd, pidfile, log):
+    """Run a daemon that forks into the background (-d) writing pidfile
+    (-p); returns its PID, or skips the test with the reason."""
+    p = subprocess.run(cmd + ["-p", pidfile], text=True,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + START_TIMEOUT
+    while p.returncode == 0 and time.monotonic() < deadline:
+        try:
+            with open(pidfile) as f:
+                return int(f.read())
+        except (OSError, ValueError):     # not written yet
+            time.sleep(0.1)
+    pytest.skip("%s could not start (exit %d): %s%s"
+                % (cmd[0], p.returncode, p.stdout, g.file_tail(log)))
 
 
 def stop_pid(pid, timeout=20):
@@ -72,14 +83,6 @@ def stop_pid(pid, timeout=20):
             os.kill(pid, signal.SIGKILL)
             break
         time.sleep(0.1)
-
-
-def tail(path, lines=30):
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
-    except OSError:
-        return ""
 
 
 @pytest.fixture(scope="module")
@@ -106,18 +109,15 @@ def libvirt():
         # libvirt's QEMU driver hands QEMU's stdout and stderr to virtlogd
         # (qemu.conf stdio_handler); its socket path is fixed.
         if not listening(VIRTLOGD_SOCKET):
-            subprocess.run(["virtlogd", "-d", "-p", os.path.join(d, "virtlogd.pid")],
-                           check=True)
-            pids.append(read_pid(os.path.join(d, "virtlogd.pid")))
-        subprocess.run(["libvirtd", "-d", "-f", conf, "-p", os.path.join(d, "libvirtd.pid")],
-                       check=True)
-        pids.append(read_pid(os.path.join(d, "libvirtd.pid")))
+            pids.append(start_daemon(["virtlogd", "-d"], os.path.join(d, "virtlogd.pid"), log))
+        pids.append(start_daemon(["libvirtd", "-d", "-f", conf],
+                                 os.path.join(d, "libvirtd.pid"), log))
         deadline = time.monotonic() + START_TIMEOUT
         while subprocess.run(["virsh", "-c", uri, "version"], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL).returncode != 0:
             if time.monotonic() > deadline:
                 pytest.skip("libvirtd did not answer within %d s:\n%s"
-                            % (START_TIMEOUT, tail(log)))
+                            % (START_TIMEOUT, g.file_tail(log)))
             time.sleep(0.2)
         yield uri
     finally:
@@ -195,7 +195,7 @@ def boot_domain(uri, guest, sock, steps, workdir):
         if time.monotonic() > deadline:
             virsh(uri, "destroy", name, check=False)
             pytest.fail("domain %s still running after %d s:\n%s"
-                        % (name, g.BOOT_TIMEOUT, tail(console)))
+                        % (name, g.BOOT_TIMEOUT, g.file_tail(console)))
         time.sleep(0.2)
     return g.check_outcome(console, steps)
 
