@@ -71,6 +71,16 @@ def start_daemon(cmd, pidfile, log):
                 % (cmd[0], p.returncode, p.stdout, g.file_tail(log)))
 
 
+def running(pid):
+    """Whether process pid runs (a zombie waiting for its parent, which
+    for a daemon is PID 1, has finished)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def stop_pid(pid, timeout=20):
     """SIGTERM a daemon (not our child), SIGKILL it if it lingers."""
     try:
@@ -78,7 +88,7 @@ def stop_pid(pid, timeout=20):
     except ProcessLookupError:
         return
     deadline = time.monotonic() + timeout
-    while os.path.exists("/proc/%d" % pid):
+    while running(pid):
         if time.monotonic() > deadline:
             os.kill(pid, signal.SIGKILL)
             break
