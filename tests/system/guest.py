@@ -115,16 +115,17 @@ def module_load_order(modules_dir, names):
         if name not in by_name:
             raise GuestUnavailable("kernel module %s not in %s/modules.dep"
                                    % (name, modules_dir))
-        path = by_name[name]
-        for path in list(reversed(deps[path])) + [path]:
+        target = by_name[name]
+        for path in list(reversed(deps[target])) + [target]:
             if path not in order:
                 order.append(path)
     return order
 
 
 def copy_module(src, dst_dir):
-    """Copy a module into dst_dir as a plain .ko (busybox's insmod loads
-    only uncompressed modules); returns its new file name."""
+    """Copy a module into dst_dir as a plain .ko, decompressed if need be
+    (Debian 12's are plain; later releases compress them), so that the
+    guest's busybox insmod needs no decompressor; returns its file name."""
     base = os.path.basename(src)
     name, _, compression = base.partition(".ko")
     opener = {"": open, ".xz": lzma.open, ".gz": gzip.open}.get(compression)
@@ -193,7 +194,8 @@ def build(dest):
 
 def kernel_cmdline(steps):
     """The guest's kernel command line: serial console, the steps to run,
-    and poweroff rather than reboot should the kernel panic."""
+    and an immediate reboot on a kernel panic, which QEMU's -no-reboot
+    (libvirt's on_reboot=destroy) turns into the end of the run."""
     return "console=ttyS0 quiet panic=-1 qtest=" + ",".join(steps)
 
 
