@@ -14,9 +14,9 @@ packages=(
   qemu-system-x86 systemd libxml2-utils libvirt-clients
   # tests/system: a Linux guest (kernel, and for its initramfs static
   # busybox, mke2fs, cpio; debugfs on the host), libvirtd with its QEMU
-  # driver, nbdfuse with FUSE 3
+  # driver, FUSE 3 for nbdfuse (in libnbd-bin)
   linux-image-amd64 busybox-static e2fsprogs cpio
-  libvirt-daemon-system libvirt-daemon-driver-qemu nbdfuse fuse3
+  libvirt-daemon-system libvirt-daemon-driver-qemu fuse3
   # fuzzing and sanitizer runtimes
   clang libclang-rt-14-dev
 )

@@ -101,7 +101,7 @@ def test_nbdcopy_into_uri(tmp_path, source):
 def fuse_unavailable():
     """Why nbdfuse cannot mount here, or None."""
     if shutil.which("nbdfuse") is None:
-        return "nbdfuse not installed (package nbdfuse)"
+        return "nbdfuse not installed (package libnbd-bin)"
     if shutil.which("fusermount3") is None:
         return "fusermount3 not installed (package fuse3)"
     if not os.path.exists("/dev/fuse"):
