@@ -345,15 +345,17 @@ check "log + cow filters combined" t_log_cow
 
 # ------------------------------------------------- systemd socket units
 t_units_verify() {
-    mkdir -p units &&
+    mkdir -p units/nbdkit-qcow2@.socket.d &&
     cp "$here/nbdkit-qcow2@.socket" units/nbdkit-qcow2@test.socket &&
     cp "$here/nbdkit-qcow2@.service" units/nbdkit-qcow2@test.service &&
+    # The libvirt drop-in, where systemd looks for it (verify reads it too).
+    cp "$here/nbdkit-qcow2@.socket.d/libvirt.conf" units/nbdkit-qcow2@.socket.d/ &&
     systemd-analyze verify --man=no units/nbdkit-qcow2@test.socket \
         units/nbdkit-qcow2@test.service 2>&1 | tee verify.txt &&
     ! grep -q 'nbdkit-qcow2@' verify.txt
 }
 if command -v systemd-analyze >/dev/null; then
-    check "systemd-analyze verify nbdkit-qcow2@.socket/.service" t_units_verify
+    check "systemd-analyze verify nbdkit-qcow2@.socket/.service (+ libvirt drop-in)" t_units_verify
 else
     skip "systemd-analyze verify" "systemd-analyze not installed"
 fi
@@ -419,11 +421,78 @@ t_libvirt_schema() {
       echo "</devices></domain>"; } > domain.xml &&
     virt-xml-validate domain.xml domain
 }
+# The whole domain: raw NBD disk over the Unix socket, valid as it is.
+t_libvirt_domain() {
+    local x="$here/libvirt-domain.xml"
+    xmllint --noout "$x" &&
+    xmllint --xpath "string(/domain/devices/disk/driver/@type)" "$x" | grep -qx raw &&
+    xmllint --xpath "string(/domain/devices/disk/source/@protocol)" "$x" | grep -qx nbd &&
+    xmllint --xpath "string(/domain/devices/disk/source/host/@transport)" "$x" |
+        grep -qx unix &&
+    virt-xml-validate "$x" domain
+}
 if command -v virt-xml-validate >/dev/null; then
     check "libvirt-nbd-disk.xml valid in a domain (virt-xml-validate)" \
           t_libvirt_schema
+    check "libvirt-domain.xml: raw NBD disk, valid (virt-xml-validate)" \
+          t_libvirt_domain
 else
     skip "libvirt schema validation" "virt-xml-validate not installed"
+fi
+
+# ------------------------------------------------------------- nbdfuse
+# fuse_wait FILE PID: wait until nbdfuse shows FILE (it is mounted).
+fuse_wait() {
+    for _ in $(seq 300); do
+        [ -f "$1" ] && return 0
+        kill -0 "$2" 2>/dev/null || return 1
+        sleep 0.1
+    done
+    return 1
+}
+# fuse_stop DIR PID: unmount, then nbdfuse exits by itself.
+fuse_stop() {
+    fusermount3 -u "$1" &&
+    for _ in $(seq 100); do kill -0 "$2" 2>/dev/null || break; sleep 0.1; done &&
+    ! kill -0 "$2" 2>/dev/null
+}
+
+# The export as a file: it reads as the image, and a write through it
+# (dd into the file) lands in the image, which stays clean.
+t_nbdfuse() {
+    local fpid
+    cp disk.qcow2 fuse.qcow2 && serve fuse fuse.qcow2 && mkdir -p nbd &&
+    { nbdfuse nbd/disk.raw "nbd+unix:///?socket=$tmp/fuse.sock" & fpid=$!; } &&
+    pids+=("$fpid") &&
+    fuse_wait nbd/disk.raw "$fpid" &&
+    [ "$(sha256sum < nbd/disk.raw)" = "$(sha256sum < ref.raw)" ] &&
+    head -c 65536 /dev/zero | tr '\0' 'F' |
+        dd of=nbd/disk.raw bs=64k seek=100 conv=notrunc,fsync status=none &&
+    fuse_stop nbd "$fpid" &&
+    unserve fuse && clean fuse.qcow2 &&
+    qemu-io -f qcow2 -c 'read -P 0x46 6400k 64k' -c 'read -P 0x41 0 1M' fuse.qcow2
+}
+# Captive: nbdfuse starts nbdkit (-P added to know its pid) and stops it
+# when unmounted.
+t_nbdfuse_captive() {
+    local fpid
+    mkdir -p nbd2 &&
+    { nbdfuse nbd2/disk.raw [ nbdkit -P "$tmp/fcap.pid" "$plugin" disk.qcow2 ] &
+      fpid=$!; } &&
+    pids+=("$fpid") &&
+    fuse_wait nbd2/disk.raw "$fpid" &&
+    cmp nbd2/disk.raw ref.raw &&
+    kill -0 "$(cat "$tmp/fcap.pid")" &&
+    fuse_stop nbd2 "$fpid" &&
+    ! kill -0 "$(cat "$tmp/fcap.pid")" 2>/dev/null
+}
+if ! command -v nbdfuse >/dev/null || ! command -v fusermount3 >/dev/null; then
+    skip "nbdfuse" "nbdfuse or fusermount3 not installed"
+elif [ ! -e /dev/fuse ]; then
+    skip "nbdfuse" "no /dev/fuse"
+else
+    check "nbdfuse DIR/FILE nbd+unix://...: read, write, fusermount3 -u" t_nbdfuse
+    check "nbdfuse DIR/FILE [ nbdkit qcow2 ... ]" t_nbdfuse_captive
 fi
 
 echo

@@ -12,6 +12,11 @@ packages=(
   # examples/test-examples.sh: a QEMU guest's NBD drive, systemd units,
   # libvirt XML (xmllint; virt-xml-validate and its schemas)
   qemu-system-x86 systemd libxml2-utils libvirt-clients
+  # tests/system: a Linux guest (kernel, and for its initramfs static
+  # busybox, mke2fs, cpio; debugfs on the host), libvirtd with its QEMU
+  # driver, FUSE 3 for nbdfuse (in libnbd-bin)
+  linux-image-amd64 busybox-static e2fsprogs cpio
+  libvirt-daemon-system libvirt-daemon-driver-qemu fuse3
   # fuzzing and sanitizer runtimes
   clang libclang-rt-14-dev
 )

@@ -6,10 +6,12 @@
 #      operations (fuzz_write)
 #   3. the integration suite (pytest + libnbd, QEMU as the oracle), and
 #      the command lines of examples/README.md (examples/test-examples.sh)
-#   4. unit and integration tests again with the plugin built with
+#   4. the system tests: real stacks on the export (a Linux guest under
+#      QEMU, libvirt, nbdfuse, qemu-img and nbdcopy; tests/system)
+#   5. unit and integration tests again with the plugin built with
 #      AddressSanitizer + UndefinedBehaviorSanitizer
-#   5. the concurrency tests against a ThreadSanitizer build
-# QUICK=1 runs only 1 and 3.  FUZZ_SECONDS sets each fuzzing time (60).
+#   6. the concurrency tests against a ThreadSanitizer build
+# QUICK=1 runs only 1, 3 and 4.  FUZZ_SECONDS sets each fuzzing time (60).
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
@@ -37,6 +39,8 @@ step "integration tests"
 $py -m pytest "${pytest_args[@]}"
 step "the command lines of examples/README.md"
 examples/test-examples.sh
+step "system tests"
+$py -m pytest -q -p no:cacheprovider --durations=0 "$top/tests/system"
 
 if [ -z "${QUICK:-}" ]; then
   step "ASan + UBSan build"

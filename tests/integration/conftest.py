@@ -200,11 +200,13 @@ def lower_server(image, layer, readonly, room=True):
 
 
 @contextlib.contextmanager
-def serve(image, *params, plugin=None, readonly=False, below=(), room=True):
+def serve(image, *params, plugin=None, readonly=False, filters=(), below=(),
+          room=True):
     """Serve image with the engine on a private Unix socket; yield the URI.
 
     params are extra key=value strings (or paths).  readonly=True serves
-    with nbdkit -r.  below: nbdkit filters under nbdkit-qcow2-filter.  The
+    with nbdkit -r.  filters: nbdkit filters above the engine, outermost
+    first; below: nbdkit filters under nbdkit-qcow2-filter.  The
     server is killed on exit and its stderr is available as the .stderr
     attribute of the yielded object (.lower: the lower server's process
     in the nbd layers).  room=False leaves a container file as it is.
@@ -216,7 +218,8 @@ def serve(image, *params, plugin=None, readonly=False, below=(), room=True):
                 lower_server(image, _layer[0], readonly, room))
         args = engine_args(image, params, readonly, plugin, below,
                            lower[0] if lower else None, room)
-        srv = stack.enter_context(nbdkit_server(args, readonly))
+        srv = stack.enter_context(nbdkit_server(
+            [*["--filter=" + f for f in filters], *args], readonly))
         srv.lower = lower[1] if lower else None
         yield srv
 
