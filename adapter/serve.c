@@ -145,7 +145,7 @@ run_check (const char *name)
 }
 
 int
-serve_ready (struct qcow2_image *img, const char *name)
+serve_startup (struct qcow2_image *img, const char *name)
 {
   image = img;
   if (create_resize (image) == -1)
@@ -156,10 +156,22 @@ serve_ready (struct qcow2_image *img, const char *name)
 }
 
 void
-serve_unload (void)
+serve_attach (struct qcow2_image *img)
+{
+  image = img;
+}
+
+void
+serve_detach (void)
 {
   qcow2_close (image);
   image = NULL;
+}
+
+void
+serve_unload (void)
+{
+  serve_detach ();
   snapshots_unload ();
   if (passphrase) {
     memset (passphrase, 0, strlen (passphrase));

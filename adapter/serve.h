@@ -47,11 +47,16 @@ const char *serve_passphrase (void);
 bool serve_repair_requested (void);
 
 /* After the image is open: size= with resize=true, check=, the snapshot
- * operations.  From now on the image is served.  name is used in
- * messages.
+ * operations; the image is then the one served (serve_attach).  name is
+ * used in messages.
  */
-int serve_ready (struct qcow2_image *image, const char *name);
-/* Close the image (writing back its metadata), free the keys. */
+int serve_startup (struct qcow2_image *image, const char *name);
+/* Serve this image from now on, or close it (writing back its
+ * metadata).
+ */
+void serve_attach (struct qcow2_image *image);
+void serve_detach (void);
+/* serve_detach, and free the keys. */
 void serve_unload (void);
 struct qcow2_image *serve_image (void);
 

@@ -243,6 +243,60 @@ t_snapshots() {
 }
 check "snapshots: snapshot-create=, export, filter, -apply=, -delete=" t_snapshots
 
+# ------------------------------------------------------- the qcow2 filter
+qcow2_filter="$(dirname "$plugin")/../filters/qcow2/nbdkit-qcow2-filter.so"
+if [ -f "$qcow2_filter" ]; then qcow2_filter=$(realpath "$qcow2_filter")
+else qcow2_filter=qcow2; fi
+t_filter_file() {
+    cp disk.qcow2 cont.qcow2 && truncate -s 1G cont.qcow2 &&
+    rm -f "$tmp/cont.sock" "$tmp/cont.pid" &&
+    nbdkit -U "$tmp/cont.sock" -P "$tmp/cont.pid" --filter="$qcow2_filter" \
+           file cont.qcow2 && wait_for "$tmp/cont.pid" &&
+    pids+=("$(cat "$tmp/cont.pid")") &&
+    nbdcopy "nbd+unix:///?socket=$tmp/cont.sock" f1.raw && cmp f1.raw ref.raw &&
+    nbdsh -u "nbd+unix:///?socket=$tmp/cont.sock" \
+          -c 'h.pwrite(b"F" * 65536, 40 << 20); h.flush()' &&
+    unserve cont && clean cont.qcow2 &&
+    [ "$(stat -c %s cont.qcow2)" = 1073741824 ] &&
+    qemu-io -f qcow2 -c 'read -P 0x46 40M 64k' cont.qcow2 | grep -q 'read 65536'
+}
+check "--filter=qcow2 file: a container file, read and write" t_filter_file
+
+t_filter_nbd() {
+    cp disk.qcow2 raw-cont.qcow2 && truncate -s 1G raw-cont.qcow2 || return
+    qemu-nbd -t -f raw -k "$tmp/raw.sock" raw-cont.qcow2 &
+    local q=$!
+    pids+=("$q")
+    wait_for "$tmp/raw.sock" &&
+    nbdkit -U - --filter="$qcow2_filter" nbd socket="$tmp/raw.sock" \
+           --run 'nbdcopy "$uri" n1.raw' &&
+    cmp n1.raw ref.raw && stop_pid "$q" && clean raw-cont.qcow2
+}
+check "--filter=qcow2 nbd socket=... (qemu-nbd serving the container raw)" \
+      t_filter_nbd
+
+t_filter_memory_create() {
+    nbdkit -U - --filter="$qcow2_filter" memory size=256M create=true \
+           qcow2-size=20G --run 'nbdinfo --size "$uri"' | grep -qx 21474836480
+}
+check "--filter=qcow2 memory size=256M create=true qcow2-size=20G" \
+      t_filter_memory_create
+
+t_filter_backing_dir() {
+    mkdir -p images && cp disk.qcow2 images/base.qcow2 &&
+    qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 images/top.qcow2 &&
+    truncate -s 256M images/top.qcow2 || return
+    qemu-nbd -t -f raw -k "$tmp/top.sock" images/top.qcow2 &
+    local q=$!
+    pids+=("$q")
+    wait_for "$tmp/top.sock" &&
+    nbdkit -U - --filter="$qcow2_filter" nbd socket="$tmp/top.sock" \
+           backing-dir="$tmp/images" --run 'nbdcopy "$uri" b1.raw' &&
+    cmp b1.raw ref.raw && stop_pid "$q"
+}
+check "--filter=qcow2 ... backing-dir=DIR (an overlay over a local file)" \
+      t_filter_backing_dir
+
 # ------------------------------------------------------- qemu-system
 # A writable NBD drive, no guest: QMP says it is writable, the monitor's
 # qemu-io writes through it, and the image holds the write afterwards.

@@ -122,7 +122,7 @@ qcow2_plugin_get_ready (void)
   opts.lock = locking;
   if (qcow2_open (&opts, &image) < 0)
     return -1;
-  return serve_ready (image, filename);
+  return serve_startup (image, filename);
 }
 
 static void

@@ -12,20 +12,22 @@
  *   .config_complete  remembers the layer below (nxdata);
  *   .get_ready      learns the final thread model (unless PARALLEL, calls
  *                   into the shared context are serialised, io_next.c);
- *                   opens ONE context of the layer below, shared by every
- *                   connection (nbdkit_next_context_open(..., shared=1)),
- *                   creates the image in it if asked, opens the engine on
- *                   it and runs the startup keys: as the plugin opens its
- *                   image once, so every connection sees every completed
- *                   write, multi-conn is safe and a flush covers all.
- *                   Here rather than in .after_fork: before nbdkit forks
- *                   (into the background, or for --run), so that a bad
- *                   image or a wrong passphrase stops nbdkit with an error
- *                   and its exit status, as with the plugin.  The layer
- *                   below has had its own .get_ready; plugins start their
- *                   background threads in .after_fork, and opening a
- *                   connection of theirs starts none (file, memory, nbd
- *                   without shared=, curl, ssh, python);
+ *                   opens the layer below and the image in it, creates it
+ *                   first if asked, runs the startup keys (check=, the
+ *                   snapshot keys, resize), then closes both again.  This
+ *                   is before nbdkit forks (into the background, or for
+ *                   --run), so that a bad image or a wrong passphrase
+ *                   stops nbdkit with an error and its exit status, as
+ *                   with the plugin;
+ *   .after_fork     opens ONE context of the layer below for serving,
+ *                   shared by every connection
+ *                   (nbdkit_next_context_open(..., shared=1)), and the
+ *                   engine on it, as the plugin opens its image once: so
+ *                   every connection sees every completed write,
+ *                   multi-conn is safe and a flush covers all.  Only here,
+ *                   after the fork, because plugins start threads when
+ *                   they open a connection (the nbd plugin's reader), and
+ *                   threads do not survive a fork;
  *   .open           a connection: the client's export name selects the
  *                   active image or a snapshot exactly as with the plugin;
  *                   the layer below is not opened per connection;
@@ -240,11 +242,14 @@ new_io (struct qcow2_io **io)
   return r;
 }
 
+/* Open the layer below and the image in it; with startup, first create
+ * it if asked, and run the startup keys.  On failure the context stays
+ * open: close_below.
+ */
 static int
-open_image (void)
+open_image (bool startup, struct qcow2_image **image)
 {
   struct qcow2_open_options opts;
-  struct qcow2_image *image;
   struct qcow2_io *io;
   int r;
 
@@ -255,7 +260,7 @@ open_image (void)
   }
   if (check_block_size () == -1)
     return -1;
-  if (create_requested ()) {
+  if (startup && create_requested ()) {
     if (new_io (&io) < 0 ||
         create_image_io (io, IMAGE_NAME, serve_passphrase (),
                          backing_dir) == -1)
@@ -268,29 +273,51 @@ open_image (void)
   opts.backing_dir = backing_dir;
   if (!backing_dir)
     opts.follow_backing = false;
+  if (!startup)
+    opts.writable = false;     /* writable at the first write */
   if (new_io (&io) < 0)
     return -1;
-  r = qcow2_open_io (io, &opts, &image);
+  r = qcow2_open_io (io, &opts, image);
   if (r == -EPERM && !backing_dir)
     nbdkit_error ("%s: the files an image in another layer names are found "
                   "only in a local directory named with backing-dir=",
                   IMAGE_NAME);
   if (r < 0)
     return -1;
-  return serve_ready (image, IMAGE_NAME);
+  if (startup && serve_startup (*image, IMAGE_NAME) == -1)
+    return -1;
+  return 0;
 }
 
 static int
 qcow2_filter_get_ready (int model)
 {
+  struct qcow2_image *image = NULL;
   struct quiet_stdin q;
   int r;
 
   thread_model = model;
   quiet_stdin_begin (&q);
-  r = open_image ();
+  r = open_image (true, &image);
+  if (image)
+    serve_detach ();          /* serve_startup attached it */
+  close_below ();
   quiet_stdin_end (&q);
   return r;
+}
+
+static int
+qcow2_filter_after_fork (nbdkit_backend *b)
+{
+  struct qcow2_image *image;
+
+  (void) b;
+  if (open_image (false, &image) == -1) {
+    close_below ();
+    return -1;
+  }
+  serve_attach (image);
+  return 0;
 }
 
 static void
@@ -509,6 +536,7 @@ static struct nbdkit_filter filter = {
   .config_complete = qcow2_filter_config_complete,
   .config_help = qcow2_filter_config_help,
   .get_ready = qcow2_filter_get_ready,
+  .after_fork = qcow2_filter_after_fork,
   .cleanup = qcow2_filter_cleanup,
   .open = qcow2_filter_open,
   .close = qcow2_filter_close,
