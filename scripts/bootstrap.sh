@@ -12,6 +12,9 @@ packages=(
   # examples/test-examples.sh: a QEMU guest's NBD drive, systemd units,
   # libvirt XML (xmllint; virt-xml-validate and its schemas)
   qemu-system-x86 systemd libxml2-utils libvirt-clients
+  # tests/system: guestfish (libguestfs's appliance boots the host's
+  # kernel from /boot), virt-v2v, and debootstrap for the guest it converts
+  libguestfs-tools virt-v2v linux-image-amd64 debootstrap debian-archive-keyring
   # fuzzing and sanitizer runtimes
   clang libclang-rt-14-dev
 )

@@ -4,12 +4,14 @@
 #   2. short libFuzzer runs over the core (clang, ASan+UBSan): open, read
 #      and extents (fuzz_image); check, repair, writes and snapshot
 #      operations (fuzz_write)
-#   3. the integration suite (pytest + libnbd, QEMU as the oracle), and
-#      the command lines of examples/README.md (examples/test-examples.sh)
+#   3. the integration suite (pytest + libnbd, QEMU as the oracle), the
+#      command lines of examples/README.md (examples/test-examples.sh), and
+#      the system tests: guestfish and virt-v2v on the plugin's exports
 #   4. unit and integration tests again with the plugin built with
 #      AddressSanitizer + UndefinedBehaviorSanitizer
 #   5. the concurrency tests against a ThreadSanitizer build
-# QUICK=1 runs only 1 and 3.  FUZZ_SECONDS sets each fuzzing time (60).
+# QUICK=1 runs only 1 and 3 (3 without the virt-v2v test).  FUZZ_SECONDS
+# sets each fuzzing time (60).
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
@@ -37,6 +39,11 @@ step "integration tests"
 $py -m pytest "${pytest_args[@]}"
 step "the command lines of examples/README.md"
 examples/test-examples.sh
+# guestfish over the export; virt-v2v converting a guest that the plugin
+# serves, then booting it from the plugin (minutes; skipped when QUICK=1).
+step "system tests: guestfish, virt-v2v"
+$py -m pytest -q -p no:cacheprovider --durations=0 \
+  "$top/tests/system/test_guestfish.py" "$top/tests/system/test_v2v.py"
 
 if [ -z "${QUICK:-}" ]; then
   step "ASan + UBSan build"

@@ -11,7 +11,8 @@ import json
 import os
 
 from v2v_support import (guestfish, nbd_drive, qemu_img, qemu_img_check_clean,
-                         require_libguestfs, serve)
+                         require_libguestfs, serve,
+                         workdir)  # noqa: F401 (a fixture)
 
 # name in the guest -> content: random data, a pattern spanning many
 # clusters, and a small text.
@@ -38,13 +39,14 @@ def allocated(image):
     return sum(e["length"] for e in m if e["data"])
 
 
-def test_guestfish_read_write_over_export(tmp_path):
+def test_guestfish_read_write_over_export(workdir):
     require_libguestfs()
-    image = str(tmp_path / "disk.qcow2")
+    image = os.path.join(workdir, "disk.qcow2")
     qemu_img("create", "-q", "-f", "qcow2", image, "256M")
     for name, data in FILES.items():
-        (tmp_path / os.path.basename(name)).write_bytes(data)
-    upload = "".join("upload %s %s\n" % (tmp_path / os.path.basename(n), n)
+        with open(os.path.join(workdir, os.path.basename(name)), "wb") as f:
+            f.write(data)
+    upload = "".join("upload %s %s\n" % (os.path.join(workdir, os.path.basename(n)), n)
                      for n in FILES)
     sums = "".join("checksum sha256 %s\n" % n for n in FILES)
     expected = [sha256(d) for d in FILES.values()]

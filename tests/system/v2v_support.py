@@ -52,6 +52,21 @@ def require_libguestfs():
                     "(install linux-image-amd64)")
 
 
+@pytest.fixture
+def workdir():
+    """A private directory in /var/tmp, removed afterwards.
+
+    Not pytest's tmp_path: pytest removes old tmp_path directories of any
+    concurrent pytest run of the same user, and images of gigabytes are
+    better kept off a /tmp that may be in memory.
+    """
+    d = tempfile.mkdtemp(prefix="nbdkit-qcow2-system-", dir="/var/tmp")
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def guestfs_env():
     env = dict(os.environ)
     env["LIBGUESTFS_BACKEND"] = "direct"
