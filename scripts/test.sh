@@ -42,7 +42,7 @@ examples/test-examples.sh
 # guestfish over the export; virt-v2v converting a guest that the plugin
 # serves, then booting it from the plugin (minutes; skipped when QUICK=1).
 step "system tests: guestfish, virt-v2v"
-$py -m pytest -q -p no:cacheprovider --durations=0 \
+$py -m pytest -q -p no:cacheprovider -rs --durations=0 \
   "$top/tests/system/test_guestfish.py" "$top/tests/system/test_v2v.py"
 
 if [ -z "${QUICK:-}" ]; then
