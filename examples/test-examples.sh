@@ -158,17 +158,6 @@ t_nbdcopy() {
 }
 check "nbdcopy URI FILE, URI -" t_nbdcopy
 
-# -------------------------------------------------------------- guestfish
-t_guestfish() {
-    guestfish --ro --format=raw -a "nbd://?socket=$sock" run : list-devices |
-        grep -q /dev/sda
-}
-if command -v guestfish >/dev/null; then
-    check "guestfish --ro --format=raw -a nbd://?socket=..." t_guestfish
-else
-    skip "guestfish" "guestfish not installed"
-fi
-
 # Stop the daemon: a server holds the image's locks, and the tests below
 # start their own servers on the same image.
 t_daemon_stop() { unserve disk && sha256sum -c --quiet disk.sha256; }
@@ -451,6 +440,79 @@ if command -v systemd-socket-activate >/dev/null; then
           t_socket_activation
 else
     skip "socket activation" "systemd-socket-activate not installed"
+fi
+
+# ------------------------------------------------------------ guestfish
+# On an empty image of its own: the read-write line formats and writes it
+# through the plugin, the others read the file back.
+gf_drive="nbd://?socket=$tmp/gf.sock"
+t_guestfish_rw() {
+    qemu-img create -q -f qcow2 gf.qcow2 64M && serve gf gf.qcow2 &&
+    guestfish --format=raw -a "$gf_drive" \
+      run : part-disk /dev/sda mbr : mkfs ext4 /dev/sda1 : \
+      mount /dev/sda1 / : write /hello 'hello, world'
+}
+t_guestfish_cat() {
+    [ "$(guestfish --ro --format=raw -a "$gf_drive" -m /dev/sda1 cat /hello)" = \
+      "hello, world" ]
+}
+t_virt_ls() {
+    virt-ls --format=raw -a "$gf_drive" -m /dev/sda1 / | tee ls.txt &&
+    grep -qx hello ls.txt
+}
+t_virt_cat() {
+    [ "$(virt-cat --format=raw -a "$gf_drive" -m /dev/sda1 /hello)" = "hello, world" ]
+}
+t_guestfish_qcow2() {
+    unserve gf && clean gf.qcow2 &&
+    [ "$(guestfish --ro --format=qcow2 -a gf.qcow2 -m /dev/sda1 cat /hello)" = \
+      "hello, world" ]
+}
+t_guestfish_captive() {
+    [ "$(nbdkit -U - "$plugin" gf.qcow2 \
+         --run 'guestfish --ro --format=raw -a "nbd://?socket=$unixsocket" -m /dev/sda1 cat /hello')" = \
+      "hello, world" ]
+}
+if ! command -v guestfish >/dev/null; then
+    skip "guestfish" "guestfish not installed"
+elif ! ls /boot/vmlinuz-* >/dev/null 2>&1; then
+    skip "guestfish" "no kernel in /boot for libguestfs's appliance"
+else
+    check "guestfish over nbd://?socket=...: part-disk, mkfs, write" t_guestfish_rw
+    check "guestfish --ro ... -m /dev/sda1 cat" t_guestfish_cat
+    check "virt-ls ... -m /dev/sda1 /" t_virt_ls
+    check "virt-cat ... -m /dev/sda1 /hello" t_virt_cat
+    check "guestfish --ro --format=qcow2 on the image; qemu-img check clean" \
+          t_guestfish_qcow2
+    check "guestfish captive (nbdkit --run, \$unixsocket)" t_guestfish_captive
+fi
+
+# ------------------------------------------------------------- virt-v2v
+# The XML of the README with the disk on a free port: virt-v2v reads it and
+# reaches the plugin (--print-source stops before converting: the test
+# image holds no operating system; tests/system/test_v2v.py converts one).
+t_v2v_source() {
+    local port
+    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])') &&
+    [ "$port" != 10809 ] &&
+    sed "s/port='10900'/port='$port'/" "$here/virt-v2v-nbd-source.xml" > v2v-source.xml &&
+    grep -q "port='$port'" v2v-source.xml &&
+    rm -f "$tmp/v2v.pid" &&
+    nbdkit -r -i 127.0.0.1 -p "$port" -P "$tmp/v2v.pid" "$plugin" disk.qcow2 &&
+    wait_for "$tmp/v2v.pid" && pids+=("$(cat "$tmp/v2v.pid")") &&
+    mkdir -p v2v-out &&
+    virt-v2v -i libvirtxml v2v-source.xml -o local -os v2v-out -of qcow2 \
+             --print-source 2>&1 | tee v2v.txt &&
+    stop_pid "$(cat "$tmp/v2v.pid")" &&
+    grep -q 'source name: guest' v2v.txt && grep -qP '^\t0 \[scsi\]' v2v.txt &&
+    ! grep -Eiq 'error|ignored' v2v.txt &&
+    sha256sum -c --quiet disk.sha256
+}
+if command -v virt-v2v >/dev/null; then
+    check "virt-v2v -i libvirtxml virt-v2v-nbd-source.xml (--print-source)" \
+          t_v2v_source
+else
+    skip "virt-v2v" "virt-v2v not installed"
 fi
 
 # ------------------------------------------------------------- libvirt

@@ -17,6 +17,9 @@ packages=(
   # driver, FUSE 3 for nbdfuse (in libnbd-bin)
   linux-image-amd64 busybox-static e2fsprogs cpio
   libvirt-daemon-system libvirt-daemon-driver-qemu fuse3
+  # tests/system: guestfish (libguestfs's appliance boots the host's
+  # kernel from /boot), virt-v2v, and debootstrap for the guest it converts
+  libguestfs-tools virt-v2v debootstrap debian-archive-keyring
   # fuzzing and sanitizer runtimes
   clang libclang-rt-14-dev
 )

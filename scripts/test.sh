@@ -7,11 +7,12 @@
 #   3. the integration suite (pytest + libnbd, QEMU as the oracle), and
 #      the command lines of examples/README.md (examples/test-examples.sh)
 #   4. the system tests: real stacks on the export (a Linux guest under
-#      QEMU, libvirt, nbdfuse, qemu-img and nbdcopy; tests/system)
+#      QEMU, libvirt, nbdfuse, qemu-img, nbdcopy, guestfish, virt-v2v;
+#      tests/system)
 #   5. unit and integration tests again with the plugin built with
 #      AddressSanitizer + UndefinedBehaviorSanitizer
 #   6. the concurrency tests against a ThreadSanitizer build
-# QUICK=1 runs only 1, 3 and 4.  FUZZ_SECONDS sets each fuzzing time (60).
+# QUICK=1 runs only 1, 3 and 4 (4 without virt-v2v).  FUZZ_SECONDS sets each fuzzing time (60).
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
@@ -39,8 +40,12 @@ step "integration tests"
 $py -m pytest "${pytest_args[@]}"
 step "the command lines of examples/README.md"
 examples/test-examples.sh
+# Real stacks on the export: a Linux guest under QEMU and libvirt,
+# nbdfuse, qemu-img, nbdcopy, guestfish, and virt-v2v converting a guest
+# that the plugin serves, then booting it from the plugin (minutes;
+# skipped when QUICK=1).
 step "system tests"
-$py -m pytest -q -p no:cacheprovider --durations=0 "$top/tests/system"
+$py -m pytest -q -p no:cacheprovider -rs --durations=0 "$top/tests/system"
 
 if [ -z "${QUICK:-}" ]; then
   step "ASan + UBSan build"
