@@ -4,14 +4,17 @@ QEMU is the oracle: images are made with qemu-img / qemu-io, served with
 the plugin, and what an NBD client reads is compared with
 `qemu-img convert -O raw` of the same image.
 
-The engine runs in one of three layers (the `layer` fixture; see
-serve()): the plugin over the image file, or nbdkit-qcow2-filter over
-nbdkit's file plugin holding the image, or over the data plugin holding a
-copy of it in memory.
+The engine runs in one of four layers (the layer fixtures; see serve()):
+the plugin over the image file, or nbdkit-qcow2-filter over nbdkit's file
+plugin holding the image, over the data plugin holding a copy of it in
+memory, or over the nbd plugin connected to a second nbdkit serving the
+image file raw.
 
 Environment:
   QCOW2_PLUGIN   path of nbdkit-qcow2-plugin.so (default: build/plugin/...)
-  QCOW2_FILTER   path of nbdkit-qcow2-filter.so (default: build/filters/...)
+  QCOW2_FILTER, QCOW2_SNAPSHOT_FILTER, QCOW2_COMPRESS_FILTER
+                 paths of nbdkit-qcow2-filter.so and of the snapshot and
+                 compress filters (default: in the plugin's build tree)
   QCOW2_NBDKIT_ENV  extra environment for nbdkit, "K=V K=V" (sanitizer runs
                  use it for LD_PRELOAD and ASAN_OPTIONS)
 """
@@ -32,9 +35,20 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PLUGIN = os.environ.get(
     "QCOW2_PLUGIN", os.path.join(ROOT, "build", "plugin", "nbdkit-qcow2-plugin.so"))
-FILTER = os.environ.get(
-    "QCOW2_FILTER",
-    os.path.join(ROOT, "build", "filters", "qcow2", "nbdkit-qcow2-filter.so"))
+# The filters come from the plugin's build tree (a sanitizer build's
+# plugin brings its own filters) unless named.
+BUILD = os.path.dirname(os.path.dirname(os.path.abspath(PLUGIN)))
+
+
+def _built(env, subdir, name):
+    return os.environ.get(env, os.path.join(BUILD, "filters", subdir, name))
+
+
+FILTER = _built("QCOW2_FILTER", "qcow2", "nbdkit-qcow2-filter.so")
+SNAPSHOT_FILTER = _built("QCOW2_SNAPSHOT_FILTER", "snapshot",
+                         "nbdkit-qcow2-snapshot-filter.so")
+COMPRESS_FILTER = _built("QCOW2_COMPRESS_FILTER", "compress",
+                         "nbdkit-qcow2-compress-filter.so")
 
 CHUNK = 32 << 20
 
@@ -82,6 +96,9 @@ def qemu_raw(image, tmp_path, *convert_args):
 #   file, a fixed-size container (grown first to leave room for writes).
 # "filter-memory": the filter over nbdkit's data plugin holding a copy of
 #   the image in memory (reads only: writes do not reach the file).
+# "filter-nbd": the filter over nbdkit's nbd plugin, connected to a second
+#   nbdkit serving the container file raw on a Unix socket (serve() starts
+#   both).
 WRITE_LAYERS = ("plugin", "filter-file")
 READ_LAYERS = WRITE_LAYERS + ("filter-memory",)
 _layer = ["plugin"]
@@ -100,6 +117,9 @@ def _use_layer(request):
 # test then runs once per layer.
 write_layer = pytest.fixture(params=WRITE_LAYERS, name="write_layer")(_use_layer)
 read_layer = pytest.fixture(params=READ_LAYERS, name="read_layer")(_use_layer)
+# Any layers, chosen by the test:
+#   @pytest.mark.parametrize("layer", ["filter-file", ...], indirect=True)
+layer = pytest.fixture(name="layer")(_use_layer)
 
 
 def only_plugin(what):
@@ -120,9 +140,18 @@ def container_room(image):
     return (size + 2 * vsize + (32 << 20) + (1 << 20) - 1) & ~((1 << 20) - 1)
 
 
-def engine_args(image, params, readonly, plugin=None):
+def grow_container(image, readonly):
+    """Give a container file the room writes need (container_room)."""
+    if not readonly and os.path.exists(image):
+        room = container_room(image)
+        if os.path.getsize(image) < room:
+            os.truncate(image, room)
+
+
+def engine_args(image, params, readonly, plugin=None, below=None):
     """nbdkit's arguments that run the engine on image in the current
-    layer, with the test's params (plugin spelling)."""
+    layer, with the test's params (plugin spelling).  below is the socket
+    of the server holding the container (the filter-nbd layer)."""
     params = [str(p) for p in params]
     layer = _layer[0]
     if layer == "plugin":
@@ -135,30 +164,28 @@ def engine_args(image, params, readonly, plugin=None):
     params = ["qcow2-" + p if p.startswith("size=") else p for p in params]
     params.append("backing-dir=" + os.path.dirname(os.path.abspath(image)))
     if layer == "filter-file":
-        if not readonly and os.path.exists(image):
-            room = container_room(image)
-            if os.path.getsize(image) < room:
-                os.truncate(image, room)
+        grow_container(image, readonly)
         return ["--filter=" + FILTER, "file", "file=" + str(image), *params]
+    if layer == "filter-nbd":
+        if below is None:
+            raise ValueError("the filter-nbd layer runs only in serve()")
+        return ["--filter=" + FILTER, "nbd", "socket=" + below, *params]
     return ["--filter=" + FILTER, "data", "data=<" + str(image),
             "size=%d" % container_room(image), *params]
 
 
 @contextlib.contextmanager
-def serve(image, *params, plugin=None, readonly=False):
-    """Serve image with the engine on a private Unix socket; yield the URI.
-
-    params are extra key=value strings (or paths).  readonly=True serves
-    with nbdkit -r.  The server is killed on exit and its stderr is
-    available as the .stderr attribute of the yielded object.
-    """
+def nbdkit_server(args, readonly=False):
+    """nbdkit -f on a private Unix socket with args (filters, plugin and
+    its keys); yield a Server.  It is stopped on exit (SIGTERM, SIGKILL
+    after 10 s) and its stderr is the .stderr attribute of the Server."""
     d = tempfile.mkdtemp(prefix="qcow2-serve-")
     sock = os.path.join(d, "sock")
     pidfile = os.path.join(d, "pid")
     errlog = open(os.path.join(d, "stderr"), "w+")
     cmd = ["nbdkit", *(["-r"] if readonly else []), "-f", "-U", sock,
            "-P", pidfile, "-D", "nbdkit.backend.datapath=0",
-           *engine_args(image, params, readonly, plugin)]
+           *[str(a) for a in args]]
     p = subprocess.Popen(cmd, stderr=errlog, env=nbdkit_env())
     try:
         deadline = time.monotonic() + 60
@@ -179,6 +206,28 @@ def serve(image, *params, plugin=None, readonly=False):
             p.wait()
         errlog.close()
         shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def serve(image, *params, plugin=None, readonly=False, filters=()):
+    """Serve image with the engine in the current layer on a private Unix
+    socket; yield a Server (see nbdkit_server).
+
+    params are extra key=value strings (or paths).  readonly=True serves
+    with nbdkit -r.  filters are nbdkit filters (names or paths) stacked
+    above the engine, the first the outermost (closest to the client).
+    """
+    with contextlib.ExitStack() as stack:
+        below = None
+        if _layer[0] == "filter-nbd":
+            grow_container(image, readonly)
+            below = stack.enter_context(nbdkit_server(
+                ["file", "file=" + str(image)], readonly)).sock
+        args = ["--filter=%s" % f for f in filters]
+        args += engine_args(image, params, readonly, plugin, below)
+        # The engine stops first: it writes its metadata back through the
+        # server below.
+        yield stack.enter_context(nbdkit_server(args, readonly))
 
 
 class Server:
