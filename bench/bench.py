@@ -9,9 +9,19 @@ turn with
             on the same qcow2 image
   file-raw  nbdkit's file plugin on the raw equivalent (same bytes)
 
+and this project's qcow2 filter, the engine over another nbdkit plugin:
+
+  filter-file   nbdkit --filter=qcow2 file: the extra layer's cost,
+                against the plugin on the same image
+  filter-nbd    nbdkit --filter=qcow2 nbd, to a second nbdkit serving
+                the qcow2 file raw (a remote container) ...
+  qemu-nbd-nbd  ... against qemu-nbd reading the same qcow2 through its
+                own NBD client from the same kind of second server
+
 over a private Unix socket, drives each server with fio's nbd engine and
 prints one table row per workload with IOPS and MiB/s per server and the
-ratios plugin/qemu-nbd and plugin/file-raw.  The compression rows time
+ratios plugin/qemu-nbd, plugin/file-raw, filter-file/plugin and
+filter-nbd/qemu-nbd-nbd.  The compression rows time
 nbdcopy into nbdkit-qcow2-compress-filter against qemu-img convert -c on
 the same source instead (see COMPRESS_ROWS).  See bench/README.md.
 
@@ -54,6 +64,7 @@ class Image:
     qcow2: str          # file name in the work directory ("": none)
     raw: str            # raw file with the same content
     what: str           # one line for the report
+    backing: str = ""   # the qcow2's backing file, in the work directory
 
 
 IMAGES = {
@@ -67,7 +78,7 @@ IMAGES = {
     "overlay": Image(
         "overlay", "overlay.qcow2", "random.raw",
         "empty qcow2 overlay over full.qcow2: every read goes through the "
-        "backing file"),
+        "backing file", backing="full.qcow2"),
     # For write rows: an empty qcow2, so every write allocates.
     "empty": Image(
         "empty", "empty.qcow2", "empty.raw",
@@ -75,7 +86,7 @@ IMAGES = {
     "extl2-overlay": Image(
         "extl2-overlay", "extl2-overlay.qcow2", "random.raw",
         "empty qcow2 overlay with extended L2 entries (64k clusters, 2k "
-        "subclusters) over full.qcow2"),
+        "subclusters) over full.qcow2", backing="full.qcow2"),
     # For the memory row: far more L2 tables than any cache holds.
     "sparse-1T": Image(
         "sparse-1T", "sparse-1T.qcow2", "sparse-1T.raw",
@@ -181,7 +192,32 @@ TiB = 1 << 40
 
 ALL_ROWS = ROWS + COMPRESS_ROWS + MEMORY_ROWS
 
-SERVERS = ["plugin", "qemu-nbd", "file-raw"]
+SERVERS = ["plugin", "qemu-nbd", "file-raw", "filter-file", "filter-nbd",
+           "qemu-nbd-nbd"]
+# The compression and memory rows compare only these.
+PLUGIN_SERVERS = ["plugin", "qemu-nbd", "file-raw"]
+# Servers that reach the qcow2 file through a second server: nbdkit's file
+# plugin serving it raw on its own Unix socket, as a remote disk would.
+REMOTE_SERVERS = ("filter-nbd", "qemu-nbd-nbd")
+# Servers that hold the image in a container of fixed size (the filter's
+# layer below, QEMU's NBD client): a write row's copy is grown first to
+# leave room for new clusters (Images.grow_container).
+CONTAINER_SERVERS = ("filter-file",) + REMOTE_SERVERS
+
+# Ratios (a/b of MiB/s) in the results, and the tables that print them:
+# (title, servers, ratios).
+RATIOS = [("plugin", "qemu-nbd"), ("plugin", "file-raw"),
+          ("filter-file", "plugin"), ("filter-nbd", "qemu-nbd-nbd")]
+TABLES = [
+    ("nbdkit-qcow2-plugin", ["plugin", "qemu-nbd", "file-raw"], RATIOS[:2]),
+    ("nbdkit-qcow2-filter: over the file plugin, and over the nbd plugin "
+     "to a raw container", ["plugin", "filter-file", "qemu-nbd-nbd",
+                            "filter-nbd"], RATIOS[2:]),
+]
+
+
+def ratio_key(pair):
+    return "%s/%s" % pair
 
 
 # --------------------------------------------------------------------------
@@ -348,9 +384,7 @@ class Images:
 
     def files(self, image):
         """Every file a server of this image reads (for the warm-up)."""
-        names = [n for n in (image.qcow2, image.raw) if n]
-        if image.name in ("overlay", "extl2-overlay"):
-            names.append("full.qcow2")
+        names = [n for n in (image.qcow2, image.raw, image.backing) if n]
         return [self.path(n) for n in names]
 
     def fresh_copy(self, image, tag):
@@ -370,6 +404,13 @@ class Images:
         # another's, taking a CPU from it.
         run(["sync", "--data", *out])
         return tuple(out)
+
+    def grow_container(self, qcow2_path):
+        """Room for new clusters in a write row's copy served as a
+        container of fixed size: twice the virtual disk and 32 MiB more
+        (a sparse extension)."""
+        os.truncate(qcow2_path, os.path.getsize(qcow2_path)
+                    + 2 * self.size + 32 * MiB)
 
 
 def warm_page_cache(paths):
@@ -422,20 +463,52 @@ def wait_for_socket(sock, proc, what, timeout=60):
     raise RuntimeError(f"{what} did not start listening on {sock}")
 
 
+def nbdkit_command(sock, writable):
+    return ["nbdkit", "-f", "-U", sock, "-D", "nbdkit.backend.datapath=0",
+            *([] if writable else ["-r"])]
+
+
+def qemu_nbd_command(sock, writable, *image):
+    # -t (--persistent): keep serving after the warm-up disconnects.
+    return ["qemu-nbd", "-e", "8", "--cache=writeback", "--discard=unmap",
+            *([] if writable else ["-r"]), "-t", "-k", sock, *image]
+
+
+def below_command(below_sock, qcow2_path, writable):
+    """The second server of REMOTE_SERVERS: the qcow2 file served raw."""
+    return nbdkit_command(below_sock, writable) + ["file",
+                                                   "file=" + qcow2_path]
+
+
 def server_command(server, sock, qcow2_path, raw_path, plugin, writable,
-                   plugin_params=()):
-    ro = [] if writable else ["-r"]
-    nbdkit = ["nbdkit", "-f", "-U", sock, "-D", "nbdkit.backend.datapath=0",
-              *ro]
+                   plugin_params=(), qcow2_filter=None, below_sock=None,
+                   backing=None):
+    """The server's command line; below_sock is the socket of the second
+    server (REMOTE_SERVERS), backing the path of the image's backing file
+    (which the remote servers open locally)."""
+    nbdkit = nbdkit_command(sock, writable)
+    # Backing files are found where the image lives (the work directory).
+    backing_dir = "backing-dir=" + os.path.dirname(qcow2_path)
     if server == "plugin":
         return nbdkit + [plugin, "file=" + qcow2_path, *plugin_params]
     if server == "qemu-nbd":
-        # -t (--persistent): keep serving after the warm-up disconnects.
-        return ["qemu-nbd", "-e", "8", "--cache=writeback",
-                "--discard=unmap", "-f", "qcow2", *ro, "-t", "-k", sock,
-                qcow2_path]
+        return qemu_nbd_command(sock, writable, "-f", "qcow2", qcow2_path)
     if server == "file-raw":
         return nbdkit + ["file", "file=" + raw_path]
+    if server == "filter-file":
+        return nbdkit + ["--filter=" + qcow2_filter, "file",
+                         "file=" + qcow2_path, backing_dir]
+    if server == "filter-nbd":
+        return nbdkit + ["--filter=" + qcow2_filter, "nbd",
+                         "socket=" + below_sock, backing_dir]
+    if server == "qemu-nbd-nbd":
+        # QEMU's qcow2 driver over its NBD client; a relative backing
+        # name cannot be resolved against an NBD URI, so it is named.
+        opts = ("driver=qcow2,file.driver=nbd,file.server.type=unix,"
+                "file.server.path=" + below_sock)
+        if backing:
+            opts += ",backing.driver=qcow2,backing.file.filename=" + backing
+        return qemu_nbd_command(sock, writable, "--image-opts", opts)
     raise KeyError(server)
 
 
@@ -495,22 +568,34 @@ def warm_up(uri):
     fio(uri, row, 0, 0, "warm-up")
 
 
-def run_one(row, server, images, image, sock, uri, plugin, serverlog,
-            runtime, ramp, note):
-    """Start server for row, warm it up, measure, stop it."""
+def run_one(row, server, images, image, sock, uri, plugin, qcow2_filter,
+            serverlog, runtime, ramp, note):
+    """Start server for row (and the server below it), warm it up,
+    measure, stop it."""
     if row.write:
         qcow2_path, raw_path = images.fresh_copy(image,
                                                  f"{row.name}-{server}")
+        if server in CONTAINER_SERVERS:
+            images.grow_container(qcow2_path)
     else:
         qcow2_path = images.path(image.qcow2)
         raw_path = images.path(image.raw)
+    below_sock = sock + ".below"
     cmd = server_command(server, sock, qcow2_path, raw_path, plugin,
-                         row.write)
+                         row.write, qcow2_filter=qcow2_filter,
+                         below_sock=below_sock,
+                         backing=image.backing and images.path(image.backing))
     log(f"bench: {row.name} on {server}{note} ...")
     try:
-        with serving(cmd, sock, serverlog):
-            warm_up(uri)
-            result = fio(uri, row, runtime, ramp, row.name)
+        with contextlib.ExitStack() as below:
+            if server in REMOTE_SERVERS:
+                below.enter_context(serving(
+                    below_command(below_sock, qcow2_path, row.write),
+                    below_sock, serverlog))
+            # Stopped before the server below: it writes back through it.
+            with serving(cmd, sock, serverlog):
+                warm_up(uri)
+                result = fio(uri, row, runtime, ramp, row.name)
         # The server has stopped (and synced): is the image still sound?
         if row.write and server != "file-raw":
             result["check"] = check_image(qcow2_path)
@@ -535,7 +620,7 @@ def run_memory(row, servers, images, sock, uri, plugin, serverlog, runtime,
     """Peak resident size of each server (see MEMORY_ROWS)."""
     image = IMAGES[row.image]
     out = {}
-    for server in servers:
+    for server in (s for s in servers if s in PLUGIN_SERVERS):
         variants = row.plugin_params if server == "plugin" else ((),)
         for params in variants:
             label = " ".join([server, *params])
@@ -647,23 +732,26 @@ def ratio(results, a, b):
     return ra["mib_s"] / rb["mib_s"]
 
 
-def table(rows_out, servers):
+def table(rows_out, servers, pairs, own):
+    """One line per row that has results of the servers in own: IOPS and
+    MiB/s of every server, then the ratios of the pairs."""
     head1 = ["workload"]
     head2 = [""]
     for s in servers:
         head1 += [s, ""]
         head2 += ["IOPS", "MiB/s"]
-    head1 += ["plugin/", "plugin/"]
-    head2 += ["qemu-nbd", "file-raw"]
+    head1 += [a + "/" for a, _ in pairs]
+    head2 += [b for _, b in pairs]
     body = []
-    for r in (r for r in rows_out if "results" in r):
+    for r in rows_out:
+        if not any(r.get("results", {}).get(s) for s in own):
+            continue
         line = [r["workload"]]
         for s in servers:
             res = r["results"].get(s)
             line += [fmt_iops(res and res["iops"], res),
                      fmt_mib(res and res["mib_s"], res)]
-        line += [fmt_ratio(r["plugin/qemu-nbd"]),
-                 fmt_ratio(r["plugin/file-raw"])]
+        line += [fmt_ratio(r.get(ratio_key(p))) for p in pairs]
         body.append(line)
     widths = [max(len(x[i]) for x in [head1, head2] + body)
               for i in range(len(head1))]
@@ -677,6 +765,19 @@ def table(rows_out, servers):
              "  ".join("-" * w for w in widths)]
     lines += [render(b) for b in body]
     return "\n".join(lines)
+
+
+def tables(rows_out, servers):
+    """The TABLES that have a server of their own in this run."""
+    out, shown = [], set()
+    for title, tservers, pairs in TABLES:
+        own = [s for s in tservers if s not in shown]
+        shown.update(tservers)
+        if any(s in servers for s in own) and \
+                any("results" in r for r in rows_out):
+            out.append(title + "\n" + table(
+                rows_out, [s for s in tservers if s in servers], pairs, own))
+    return out
 
 
 def memory_table(rows_out):
@@ -776,6 +877,10 @@ def main():
         "QCOW2_COMPRESS_FILTER",
         os.path.join(os.path.dirname(os.path.dirname(plugin)), "filters",
                      "compress", "nbdkit-qcow2-compress-filter.so")))
+    qcow2_filter = os.path.abspath(os.environ.get(
+        "QCOW2_FILTER",
+        os.path.join(os.path.dirname(os.path.dirname(plugin)), "filters",
+                     "qcow2", "nbdkit-qcow2-filter.so")))
     servers = [s for s in args.servers.split(",") if s]
     for s in servers:
         if s not in SERVERS:
@@ -792,8 +897,12 @@ def main():
 
     for prog in ("nbdkit", "qemu-img", "fio"):
         need(prog)
-    if "qemu-nbd" in servers:
+    if "qemu-nbd" in servers or "qemu-nbd-nbd" in servers:
         need("qemu-nbd")
+    if any(s.startswith("filter-") for s in servers) and \
+            not os.path.exists(qcow2_filter):
+        sys.exit(f"bench: filter {qcow2_filter} not found: build it "
+                 "(ninja -C build) or set QCOW2_FILTER")
     if "plugin" in servers and not os.path.exists(plugin):
         sys.exit(f"bench: plugin {plugin} not found: build it "
                  "(ninja -C build) or set QCOW2_PLUGIN")
@@ -858,21 +967,23 @@ def main():
                                          plugin, serverlog, runtime,
                                          args.ramp)})
                 continue
-            samples = {s: [] for s in servers}
+            row_servers = servers if isinstance(row, Row) else \
+                [s for s in servers if s in PLUGIN_SERVERS]
+            samples = {s: [] for s in row_servers}
             warm_page_cache(images.files(image))
             # Repetitions go round the servers in turn, so slow drifts of
             # the machine hit every server alike.
             for rep in range(args.repeat):
                 note = (f" (run {rep + 1}/{args.repeat})"
                         if args.repeat > 1 else "")
-                for server in servers:
+                for server in row_servers:
                     if isinstance(row, CompressRow):
                         res = run_compress(row, server, images, plugin,
                                            compress_filter, note)
                     else:
                         res = run_one(row, server, images, image, sock, uri,
-                                      plugin, serverlog, runtime, args.ramp,
-                                      note)
+                                      plugin, qcow2_filter, serverlog,
+                                      runtime, args.ramp, note)
                     samples[server].append(res)
             results = {s: median_result(v) for s, v in samples.items()}
             entry = {
@@ -880,9 +991,8 @@ def main():
                 "image": image.name,
                 "write": row.write,
                 "results": results,
-                "plugin/qemu-nbd": ratio(results, "plugin", "qemu-nbd"),
-                "plugin/file-raw": ratio(results, "plugin", "file-raw"),
             }
+            entry.update((ratio_key(p), ratio(results, *p)) for p in RATIOS)
             if isinstance(row, CompressRow):
                 entry["compression"] = {"compression_type": row.ctype,
                                       "cluster_size": row.cluster_size}
@@ -903,16 +1013,16 @@ def main():
             log(f"bench: images kept in {workdir}")
 
     out = sys.stderr if args.json == "-" else sys.stdout
-    if any("results" in r for r in rows_out):
-        print(table(rows_out, servers), file=out)
+    for t in tables(rows_out, servers):
+        print(t, file=out)
         print(file=out)
     sizes = size_table(rows_out)
     for extra in (sizes, memory_table(rows_out)):
         if extra:
             print(extra, file=out)
             print(file=out)
-    print("ratios are MiB/s (= IOPS) of the plugin divided by the other "
-          "server's; > 1 means the plugin is faster.", file=out)
+    print("ratios are MiB/s (= IOPS) of one server divided by the other's; "
+          "> 1 means the first is faster.", file=out)
     if sizes:
         print("compress-* rows: MiB/s of source copied; plugin = nbdcopy "
               "into nbdkit-qcow2-compress-filter, qemu-nbd = qemu-img "
@@ -936,6 +1046,7 @@ def main():
                 "fio": tool_version(["fio", "--version"]),
             },
             "plugin": plugin,
+            "qcow2_filter": qcow2_filter,
             "settings": {"runtime_s": runtime, "ramp_s": args.ramp,
                          "repeat": args.repeat,
                          "virtual_size": size, "servers": servers},

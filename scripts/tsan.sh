@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build the plugin with ThreadSanitizer into build-tsan/ and run the
-# concurrency tests against it.  Fails if TSan reports anything.
+# Build the plugin and the qcow2 filter with ThreadSanitizer into
+# build-tsan/ and run the concurrency tests against them.  Fails if TSan
+# reports anything.
 #
 # nbdkit itself is not instrumented, so the TSan runtime is preloaded into
 # it.  GCC's runtime (libtsan.so) is used: clang 14's shared runtime
@@ -27,7 +28,10 @@ if [ ! -f "$dir/build.ninja" ]; then
   CC=gcc meson setup "$dir" -Db_sanitize=thread -Db_lundef=false \
     -Dbuildtype=debugoptimized >/dev/null
 fi
-ninja -C "$dir" plugin/nbdkit-qcow2-plugin.so >/dev/null
+# The concurrency tests run the engine as the plugin and as the qcow2
+# filter (conftest takes the filter from the plugin's build tree).
+ninja -C "$dir" plugin/nbdkit-qcow2-plugin.so \
+  filters/qcow2/nbdkit-qcow2-filter.so >/dev/null
 
 logs=$(mktemp -d /tmp/qcow2-tsan.XXXXXX)
 trap 'rm -rf "$logs"' EXIT

@@ -11,7 +11,9 @@ copy of it in memory.
 
 Environment:
   QCOW2_PLUGIN   path of nbdkit-qcow2-plugin.so (default: build/plugin/...)
-  QCOW2_FILTER   path of nbdkit-qcow2-filter.so (default: build/filters/...)
+  QCOW2_FILTER, QCOW2_SNAPSHOT_FILTER, QCOW2_COMPRESS_FILTER
+                 paths of nbdkit-qcow2-filter.so and of the snapshot and
+                 compress filters (default: in the plugin's build tree)
   QCOW2_NBDKIT_ENV  extra environment for nbdkit, "K=V K=V" (sanitizer runs
                  use it for LD_PRELOAD and ASAN_OPTIONS)
 """
@@ -32,9 +34,20 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PLUGIN = os.environ.get(
     "QCOW2_PLUGIN", os.path.join(ROOT, "build", "plugin", "nbdkit-qcow2-plugin.so"))
-FILTER = os.environ.get(
-    "QCOW2_FILTER",
-    os.path.join(ROOT, "build", "filters", "qcow2", "nbdkit-qcow2-filter.so"))
+# The filters come from the plugin's build tree (a sanitizer build's
+# plugin brings its own filters) unless named.
+BUILD = os.path.dirname(os.path.dirname(os.path.abspath(PLUGIN)))
+
+
+def _built(env, subdir, name):
+    return os.environ.get(env, os.path.join(BUILD, "filters", subdir, name))
+
+
+FILTER = _built("QCOW2_FILTER", "qcow2", "nbdkit-qcow2-filter.so")
+SNAPSHOT_FILTER = _built("QCOW2_SNAPSHOT_FILTER", "snapshot",
+                         "nbdkit-qcow2-snapshot-filter.so")
+COMPRESS_FILTER = _built("QCOW2_COMPRESS_FILTER", "compress",
+                         "nbdkit-qcow2-compress-filter.so")
 
 CHUNK = 32 << 20
 
@@ -104,6 +117,9 @@ def _use_layer(request):
 write_layer = pytest.fixture(params=WRITE_LAYERS, name="write_layer")(_use_layer)
 read_layer = pytest.fixture(params=READ_LAYERS, name="read_layer")(_use_layer)
 nbd_layer = pytest.fixture(params=NBD_LAYERS, name="nbd_layer")(_use_layer)
+# Any layers, chosen by the test:
+#   @pytest.mark.parametrize("layer", ["filter-file", ...], indirect=True)
+layer = pytest.fixture(name="layer")(_use_layer)
 
 
 def only_plugin(what):
@@ -114,14 +130,16 @@ def only_plugin(what):
 
 def container_room(image):
     """Bytes a file holding image should have so that writes fit in it as
-    a container: its size now plus twice the virtual disk and 32 MiB."""
+    a container: three times the virtual disk and 64 MiB, or its size if
+    larger (so that serving it again does not grow it again)."""
     size = os.path.getsize(image)
     with open(image, "rb") as f:
         head = f.read(32)
     if len(head) < 32 or head[:4] != b"QFI\xfb":
         return size
     vsize = int.from_bytes(head[24:32], "big")
-    return (size + 2 * vsize + (32 << 20) + (1 << 20) - 1) & ~((1 << 20) - 1)
+    room = (3 * vsize + (64 << 20) + (1 << 20) - 1) & ~((1 << 20) - 1)
+    return max(size, room)
 
 
 def engine_args(image, params, readonly, plugin=None, below=(),

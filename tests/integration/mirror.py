@@ -181,7 +181,7 @@ class Driver:
     """
 
     def __init__(self, handles, geo, mirror, seed, max_large=4 * M,
-                 fast_zero=True, trim=True, batches=True, log=None,
+                 fast_zero=True, trim=True, batches=True, zero=True, log=None,
                  record=None):
         self.hs = handles
         self.geo = geo
@@ -192,6 +192,7 @@ class Driver:
         self.max_large = min(max_large, self.size)
         self.fast_zero = fast_zero
         self.trim = trim
+        self.zero = zero          # False: the server cannot zero (cow)
         self.batches = batches
         self.log = log if log is not None else []
         self.stats = {}
@@ -380,7 +381,8 @@ class Driver:
         for off, ln in pieces:
             h = self.h()
             kind = r.choices(["write", "zero", "trim", "read"],
-                             [60, 18, 10 if self.trim else 0, 12])[0]
+                             [60, 18 if self.zero else 0,
+                              10 if self.trim else 0, 12])[0]
             if kind == "read":
                 buf = nbd.Buffer(ln)
                 cmds.append((h, h.aio_pread(buf, off)))
@@ -419,10 +421,11 @@ class Driver:
         """nops random operations; storm: mostly large batches of
         concurrent requests."""
         ops = [(self.op_write, 36), (lambda: self.op_write(True), 5),
-               (self.op_zero, 14), (self.op_trim, 10 if self.trim else 0),
+               (self.op_zero, 14 if self.zero else 0),
+               (self.op_trim, 10 if self.trim else 0),
                (self.op_read, 20), (self.op_flush, 5),
                (self.op_batch, 8 if self.batches else 0),
-               (self.op_zero_all, 0.4)]
+               (self.op_zero_all, 0.4 if self.zero else 0)]
         if storm:
             ops = [(lambda: self.op_batch(48), 90), (self.op_flush, 5),
                    (self.op_write, 5)]
@@ -565,11 +568,13 @@ class Watchdog:
 
 def drive(img, tmpdir, seed, nops, src=None, params=(), connections=2,
           mirror=None, timeout=120, max_file_size=None, storm=False,
-          below=(), final_flush=False, **driver_kw):
+          filters=(), below=(), final_flush=False, **driver_kw):
     """Serve img read-write, run the driver, close.  Returns the mirror
-    and the driver (for stats).  below: nbdkit filters under the engine
-    (serve()).  final_flush: flush before closing, for layers below that
-    refuse I/O once nbdkit shuts down (NBD promises only flushed data)."""
+    and the driver (for stats).  filters, below: nbdkit filters above and
+    under the engine (conftest.serve).  final_flush: flush before closing,
+    for a writeback cache above (it writes back only then) and for layers
+    below that refuse I/O once nbdkit shuts down (NBD promises only
+    flushed data)."""
     src = src or Src(img)
     if mirror is None:
         mirror = initial_mirror(src, tmpdir)
@@ -578,7 +583,8 @@ def drive(img, tmpdir, seed, nops, src=None, params=(), connections=2,
         # Data, metadata and a snapshot or two: never more than a few
         # times the disk (or the file as it was).
         max_file_size = 4 * len(mirror) + 2 * os.path.getsize(img) + 64 * M
-    with rw_serve(img, *src.serve_params(), *params, below=below) as srv, \
+    with rw_serve(img, *src.serve_params(), *params, filters=filters,
+                  below=below) as srv, \
             Watchdog(srv, img, timeout, max_file_size):
         hs = [connect_meta(srv.uri) for _ in range(connections)]
         for h in hs:
@@ -586,11 +592,11 @@ def drive(img, tmpdir, seed, nops, src=None, params=(), connections=2,
         d = Driver(hs, geo, mirror, seed, **driver_kw)
         try:
             d.run(nops, storm=storm)
+            for h in hs if final_flush else ():
+                h.flush()
         except nbd.Error as e:
             d.fail("%s\nserver stderr (tail):\n%s"
                    % (e, "\n".join(srv.stderr.splitlines()[-15:])))
-        if final_flush:
-            hs[0].flush()
         for h in hs:
             h.shutdown()
     return mirror, d

@@ -15,12 +15,8 @@ import time
 
 import pytest
 
-from conftest import PLUGIN, nbdkit_env, qemu_img, qemu_io
-
-FILTER = os.environ.get(
-    "QCOW2_COMPRESS_FILTER",
-    os.path.join(os.path.dirname(os.path.dirname(PLUGIN)), "filters",
-                 "compress", "nbdkit-qcow2-compress-filter.so"))
+from conftest import (PLUGIN, COMPRESS_FILTER as FILTER, nbdkit_env,
+                      qemu_img, qemu_io)
 
 K = 1 << 10
 M = 1 << 20

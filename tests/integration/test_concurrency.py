@@ -18,13 +18,18 @@ on each) writing, zeroing and trimming the same image at once.
   sectors (read-modify-write of whole sectors);
 - flushes racing with the first write, which makes the image writable.
 
+The fio tests run with the engine as the plugin and as
+nbdkit-qcow2-filter, over nbdkit's file plugin and over its nbd plugin
+connected to a second nbdkit serving the image file raw (conftest's
+layers).
+
 After every test: `qemu-img check` exit 0 (not even leaks: the server was
 stopped cleanly).
 
 QCOW2_STRESS scales the amount of work (default 1); QCOW2_SEED fixes the
 random seed (printed in failures).  The server comes from conftest.serve
-(QCOW2_PLUGIN, QCOW2_NBDKIT_ENV): scripts/tsan.sh runs this file against
-a ThreadSanitizer build.
+(QCOW2_PLUGIN, QCOW2_FILTER, QCOW2_NBDKIT_ENV): scripts/tsan.sh runs this
+file against a ThreadSanitizer build.
 """
 import os
 import random
@@ -106,11 +111,10 @@ def assert_no_tsan(srv):
 
 
 def plugin_matches_qemu(img, tmp_path):
-    """Serve the image (nothing written) and compare every byte with
-    QEMU."""
+    """Serve the image read-only and compare every byte with QEMU."""
     raw = qemu_raw(img, tmp_path)
     try:
-        with serve(img) as srv:
+        with serve(img, readonly=True) as srv:
             h = srv.connect()
             assert_same_as_raw(h, raw)
             h.shutdown()
@@ -134,9 +138,15 @@ def fio(*args, timeout=600):
     return p
 
 
+# The plugin, and the filter over the file plugin and over the nbd plugin.
+fio_layers = pytest.mark.parametrize(
+    "layer", ["plugin", "filter-file", "filter-nbd"], indirect=True)
+
+
 @needs_fio
 @pytest.mark.parametrize("kind", ["plain", "c4k", "extl2", "overlay"])
-def test_fio_disjoint_verify(tmp_path, kind):
+@fio_layers
+def test_fio_disjoint_verify(tmp_path, layer, kind):
     """Four (or more) connections, each randomly writing its own range
     with 4k and 64k requests, allocating as they go; fio verifies every
     block with crc32c while the other jobs still write."""
@@ -164,7 +174,8 @@ def test_fio_disjoint_verify(tmp_path, kind):
 
 @needs_fio
 @pytest.mark.parametrize("kind", ["plain", "extl2-overlay"])
-def test_fio_shared_region(tmp_path, kind):
+@fio_layers
+def test_fio_shared_region(tmp_path, layer, kind):
     """All jobs on the same small region: random writes of every size,
     trims and flushes overlap freely.  No verification is possible per
     job; the image must stay consistent."""

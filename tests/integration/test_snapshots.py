@@ -2,19 +2,13 @@
 
 Every snapshot read must equal qemu-img convert -l snapshot.name=NAME.
 """
-import os
 import subprocess
 
 import nbd
 import pytest
 
-from conftest import (PLUGIN, assert_same_as_raw, nbdkit_env, qemu_img,
-                      qemu_io, qemu_raw, serve)
-
-FILTER = os.environ.get(
-    "QCOW2_SNAPSHOT_FILTER",
-    os.path.join(os.path.dirname(os.path.dirname(PLUGIN)), "filters",
-                 "snapshot", "nbdkit-qcow2-snapshot-filter.so"))
+from conftest import (PLUGIN, SNAPSHOT_FILTER as FILTER, assert_same_as_raw,
+                      nbdkit_env, qemu_img, qemu_io, qemu_raw, serve)
 
 
 @pytest.fixture
