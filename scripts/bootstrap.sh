@@ -12,6 +12,9 @@ packages=(
   # examples/test-examples.sh: a QEMU guest's NBD drive, systemd units,
   # libvirt XML (xmllint; virt-xml-validate and its schemas)
   qemu-system-x86 systemd libxml2-utils libvirt-clients
+  # the filter's transport tests: real ssh, HTTP and S3 (Ceph) servers
+  openssh-server nginx-light nbdkit-plugin-python python3-boto3
+  ceph-mon ceph-osd radosgw ceph-common
   # fuzzing and sanitizer runtimes
   clang libclang-rt-14-dev
 )

@@ -1,0 +1,235 @@
+"""nbdkit-qcow2-filter over real transports: ssh, HTTP (curl) and S3.
+
+Each test starts the real server from Debian's packages (servers.py), puts
+a qcow2 image made by qemu-img in it, serves it with
+`nbdkit --filter=qcow2 PLUGIN ...`, and compares with QEMU's answers:
+reads byte for byte with `qemu-img convert -O raw`, block status with
+`qemu-img map`, and after writes through the export, the container checked
+with `qemu-img check` and compared with a local copy that qemu-io wrote
+the same way.
+
+The layer below is a fixed-size container: each image file is made larger
+than the image (`truncate`) so that new clusters have room, and it must not
+grow.  ssh and curl are SERIALIZE_REQUESTS plugins (the filter serialises
+its shared context), S3 is a parallel Python plugin.
+"""
+
+import hashlib
+import os
+import shutil
+import uuid
+
+import nbd
+import pytest
+
+import servers
+from conftest import ROOT, assert_same_as_raw, qemu_img, qemu_raw
+from images import (check_extents, connect_meta, create, write,
+                    write_patterns)
+
+FILTER = os.environ.get(
+    "QCOW2_FILTER",
+    os.path.join(ROOT, "build", "filters", "qcow2", "nbdkit-qcow2-filter.so"))
+FILTER_ARG = "--filter=" + FILTER
+
+K = 1024
+M = 1024 * K
+SIZE = 64 * M                 # virtual size of the test images
+
+# Data already in the image before it is served: allocated, zero and
+# compressed clusters, unaligned edges.
+LAYOUT = [(0x41, 0, 256 * K),
+          (0x42, 1 * M + 3, 70 * K),
+          (None, 3 * M, 1 * M),
+          (0x43, 5 * M, 512 * K, "-c"),
+          (0x44, SIZE - 64 * K, 64 * K)]
+
+# What a client writes through the export (qemu-io commands): overwrites
+# of allocated clusters, new allocations, unaligned edges, zero and
+# discard of data, a write next to the end.
+CLIENT_WRITES = ["write -P 0x51 4096 8192",
+                 "write -P 0x52 1000000 300000",
+                 "write -P 0x53 9M 2M",
+                 "write -z 64K 128K",
+                 "discard 5M 256K",
+                 "write -P 0x54 %d 4099" % (SIZE - 5000)]
+
+
+def make_image(path, container_size=None, *opts):
+    """A qcow2 image with LAYOUT, in a file of container_size bytes."""
+    create(path, SIZE, *opts)
+    write_patterns(path, LAYOUT)
+    if container_size is not None:
+        assert os.path.getsize(path) <= container_size
+        os.truncate(path, container_size)
+    return path
+
+
+def write_through(uri, cmds):
+    """Run qemu-io commands against an NBD export (raw over NBD)."""
+    write(uri, *cmds, fmt="raw")
+
+
+def assert_check_clean(path):
+    """qemu-img check: no corruption, no leak (exit 0)."""
+    p = qemu_img("check", str(path), check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def assert_same_image(a, b):
+    """qemu-img compare: the guest sees identical disks."""
+    p = qemu_img("compare", "-f", "qcow2", "-F", "qcow2", str(a), str(b),
+                 check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def read_whole(srv, tmp_path, oracle_image):
+    """Every byte of the export equals qemu-img convert of oracle_image."""
+    raw = qemu_raw(oracle_image, tmp_path)
+    h = srv.connect()
+    assert_same_as_raw(h, raw)
+    h.shutdown()
+    os.unlink(raw)
+
+
+# --------------------------------------------------------------------------
+# ssh
+
+@pytest.fixture(scope="module")
+def sshd():
+    with servers.sshd() as s:
+        yield s
+
+
+def test_ssh_read(sshd, tmp_path):
+    img = make_image(tmp_path / "disk.qcow2", 32 * M)
+    with servers.nbdkit(FILTER_ARG, *sshd.plugin_args(img),
+                        readonly=True) as srv:
+        read_whole(srv, tmp_path, img)
+        h = connect_meta(srv)
+        check_extents(h, img, zero_required=True)
+        h.shutdown()
+
+
+def test_ssh_write(sshd, tmp_path):
+    """Writes over sftp, from one client and then from four connections
+    at once (the ssh plugin is not parallel: the filter serialises its
+    shared context); the file keeps its size and checks clean."""
+    container = 48 * M
+    img = make_image(tmp_path / "disk.qcow2", container)
+    mirror = shutil.copy(img, tmp_path / "mirror.qcow2")
+    data = tmp_path / "data.raw"
+    with open(data, "wb") as f:
+        f.write(os.urandom(6 * M))
+    with servers.nbdkit(FILTER_ARG, *sshd.plugin_args(img)) as srv:
+        write_through(srv.uri, CLIENT_WRITES)
+        servers.run("nbdcopy", "--connections=4", "--requests=8",
+                    "--flush", data, srv.uri)
+    write(mirror, *CLIENT_WRITES,
+          "write -s %s 0 %d" % (data, os.path.getsize(data)))
+    assert os.path.getsize(img) == container
+    assert_check_clean(img)
+    assert_same_image(img, mirror)
+
+
+# --------------------------------------------------------------------------
+# HTTP: the curl plugin against nginx (read-only)
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory):
+    """nginx over a fresh document root: yields (docroot, base URL)."""
+    docroot = tmp_path_factory.mktemp("docroot")
+    with servers.nginx(docroot) as url:
+        yield docroot, url
+
+
+def curl_args(url, name):
+    return ["curl", "url=%s/%s" % (url, name)]
+
+
+def test_curl_read(web, tmp_path):
+    """Byte-exact with qemu-img convert, block status like qemu-img map;
+    with -r the export is read-only and a write sent anyway is refused."""
+    docroot, url = web
+    img = make_image(docroot / "read.qcow2", 16 * M)
+    with servers.nbdkit(FILTER_ARG, *curl_args(url, "read.qcow2"),
+                        readonly=True) as srv:
+        read_whole(srv, tmp_path, img)
+        h = connect_meta(srv)
+        assert h.is_read_only()
+        check_extents(h, img, zero_required=True)
+        h.set_strict_mode(0)          # send it despite the read-only flag
+        with pytest.raises(nbd.Error) as e:
+            h.pwrite(b"x" * 512, 0)
+        assert e.value.errno in ("EROFS", "EPERM"), e.value
+        assert h.pread(4096, 0) == b"\x41" * 4096
+        h.shutdown()
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_curl_write_fails_cleanly(web, tmp_path):
+    """Without -r the curl plugin offers writes (it can PUT), which nginx
+    refuses (405): a client's write fails with EIO, the server goes on
+    serving, and the image is untouched."""
+    docroot, url = web
+    img = make_image(docroot / "rw.qcow2", 16 * M)
+    before = sha256(img)
+    with servers.nbdkit(FILTER_ARG, *curl_args(url, "rw.qcow2")) as srv:
+        h = srv.connect()
+        for off in (0, 20 * M):           # allocated, then a new cluster
+            with pytest.raises(nbd.Error) as e:
+                h.pwrite(b"x" * 4096, off)
+            assert e.value.errno == "EIO", e.value
+        h.shutdown()
+        assert "405" in srv.stderr
+        read_whole(srv, tmp_path, img)
+    assert sha256(img) == before
+
+
+def test_curl_snapshot_create_refused(web):
+    """A startup key that must write the image fails at startup, naming
+    what it could not write, and the image is untouched."""
+    docroot, url = web
+    img = make_image(docroot / "snap.qcow2", 16 * M)
+    before = sha256(img)
+    rc, err = servers.nbdkit_refuses(FILTER_ARG, *curl_args(url, "snap.qcow2"),
+                                     "snapshot-create=s1")
+    assert rc > 0 and "could not write" in err, err
+    assert sha256(img) == before
+
+
+def test_curl_backing_dir(web, tmp_path):
+    """An overlay served over HTTP whose backing file is found in the
+    local directory named by backing-dir=, and refused without it."""
+    docroot, url = web
+    local = tmp_path / "backing"
+    local.mkdir()
+    base = create(local / "base.qcow2", SIZE)
+    write_patterns(base, [(0x61, 0, 2 * M), (0x62, 7 * M, 3 * M)])
+    # Made next to its backing file so that QEMU (the oracle) finds it
+    # by the relative name it records, then published.
+    overlay = create(local / "overlay.qcow2", None, backing="base.qcow2",
+                     backing_fmt="qcow2")
+    write_patterns(overlay, [(0x71, 1 * M, 64 * K), (None, 8 * M, 1 * M),
+                             (0x72, 9 * M + 7, 1000)])
+    published = shutil.copy(overlay, docroot / "overlay.qcow2")
+    os.truncate(published, 4 * M)
+    args = [FILTER_ARG, *curl_args(url, "overlay.qcow2")]
+
+    with servers.nbdkit(*args, "backing-dir=%s" % local) as srv:
+        read_whole(srv, tmp_path, overlay)
+        h = connect_meta(srv)
+        check_extents(h, overlay)
+        h.shutdown()
+
+    rc, err = servers.nbdkit_refuses(*args)
+    assert rc > 0 and "backing-dir=" in err, err
+    # A directory that does not hold the backing file: not found there.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc, err = servers.nbdkit_refuses(*args, "backing-dir=%s" % empty)
+    assert rc > 0 and "base.qcow2" in err, err
