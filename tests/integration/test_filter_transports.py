@@ -14,6 +14,7 @@ grow.  ssh and curl are SERIALIZE_REQUESTS plugins (the filter serialises
 its shared context), S3 is a parallel Python plugin.
 """
 
+import concurrent.futures
 import hashlib
 import os
 import shutil
@@ -77,16 +78,46 @@ def random_file(path, size):
     return path
 
 
+CONNECTIONS = 4
+PIECE = 64 * K
+
+
+def on_connections(uri, work):
+    """work(h, i) on CONNECTIONS connections at once, one thread each
+    (libnbd lets other threads run while it waits): the requests reach
+    the filter's shared context of the layer below concurrently."""
+    def one(i):
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        assert h.can_multi_conn()
+        work(h, i)
+        h.shutdown()
+
+    with concurrent.futures.ThreadPoolExecutor(CONNECTIONS) as pool:
+        for f in [pool.submit(one, i) for i in range(CONNECTIONS)]:
+            f.result()
+
+
+def interleaved(i, size):
+    """The PIECE-sized pieces of [0, size) that connection i handles."""
+    return range(i * PIECE, size, CONNECTIONS * PIECE)
+
+
 def write_through(uri, data):
     """A client's writes through the export: CLIENT_WRITES with qemu-io,
-    then the file data at offset 0 by nbdcopy from four connections at
-    once (the filter advertises multi-conn)."""
+    then the file data at offset 0 from all connections at once, each
+    writing every CONNECTIONS-th piece (allocations in the same tables),
+    then a flush."""
     write(uri, *CLIENT_WRITES, fmt="raw")
-    nbdcopy(data, uri, "--connections=4", "--requests=8", "--flush")
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    assert h.can_multi_conn()
-    h.shutdown()
+    with open(data, "rb") as f:
+        buf = f.read()
+
+    def work(h, i):
+        for off in interleaved(i, len(buf)):
+            h.pwrite(buf[off:off + PIECE], off)
+        h.flush()
+
+    on_connections(uri, work)
 
 
 def write_mirror(mirror, data):
@@ -137,7 +168,7 @@ def test_ssh_read(sshd, tmp_path):
 
 
 def test_ssh_write(sshd, tmp_path):
-    """Writes over sftp, from one client and from four connections at
+    """Writes over sftp, from one client and from several connections at
     once (the ssh plugin is not parallel: the filter serialises its
     shared context); the file keeps its size and checks clean."""
     container = 48 * M
@@ -174,7 +205,15 @@ def test_curl_read(web, tmp_path):
     img = make_image(docroot / "read.qcow2", 16 * M)
     with servers.nbdkit(FILTER_ARG, *curl_args(url, "read.qcow2"),
                         readonly=True) as srv:
-        read_whole(srv, tmp_path, img)
+        raw = qemu_raw(img, tmp_path)
+        with open(raw, "rb") as f:
+            expect = f.read()
+
+        def work(h, i):      # the curl plugin is not parallel either
+            for off in interleaved(i, len(expect)):
+                assert h.pread(PIECE, off) == expect[off:off + PIECE], off
+
+        on_connections(srv.uri, work)
         h = connect_meta(srv)
         assert h.is_read_only()
         check_extents(h, img, zero_required=True)
