@@ -51,6 +51,7 @@ if [ -z "${QUICK:-}" ]; then
   gcc -O2 -shared -fPIC -o build-asan/freelocale-shim.so \
     tests/fixtures/freelocale-shim.c
   QCOW2_PLUGIN=$top/build-asan/plugin/nbdkit-qcow2-plugin.so \
+  QCOW2_FILTER=$top/build-asan/filters/qcow2/nbdkit-qcow2-filter.so \
   QCOW2_NBDKIT_ENV="LD_PRELOAD='$(gcc -print-file-name=libasan.so) $top/build-asan/freelocale-shim.so' ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1" \
     $py -m pytest "${pytest_args[@]}"
 

@@ -24,7 +24,9 @@ import nbd
 import pytest
 
 import servers
-from conftest import ROOT, assert_same_as_raw, qemu_img, qemu_raw
+from conftest import (ROOT, assert_same_as_raw, nbdkit_env, qemu_img,
+                      run,
+                      qemu_raw)
 from images import (check_extents, connect_meta, create, write,
                     write_patterns)
 
@@ -68,7 +70,7 @@ def make_image(path, container_size=None):
 
 def nbdcopy(src, dst, *opts):
     """nbdcopy, failing the test with its message."""
-    p = servers.run("nbdcopy", *opts, src, dst, check=False)
+    p = run("nbdcopy", *opts, src, dst, check=False)
     assert p.returncode == 0, p.stderr
 
 
@@ -299,8 +301,15 @@ def test_curl_backing_dir(web, tmp_path):
 
 @pytest.fixture(scope="session")
 def s3():
-    """One Ceph cluster for the whole run (about 15 s to start); a bucket
+    """One Ceph cluster for the whole run (about 20 s to start); a bucket
     for the tests."""
+    if "libasan" in nbdkit_env().get("LD_PRELOAD", ""):
+        # glibc's locale lock is broken in nbdkit under the preloaded
+        # runtime (see tests/fixtures/freelocale-shim.c): the python
+        # plugin blocks for ever in setlocale, called by Py_PreInitialize.
+        pytest.skip("nbdkit's python plugin (S3) hangs at load with "
+                    "libasan preloaded: LD_PRELOAD=$(gcc "
+                    "-print-file-name=libasan.so) nbdkit python --dump-plugin")
     with servers.ceph_s3() as s:
         s.client().create_bucket(Bucket="vms")
         yield s
