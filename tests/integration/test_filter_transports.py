@@ -25,8 +25,7 @@ import pytest
 
 import servers
 from conftest import (ROOT, assert_same_as_raw, nbdkit_env, qemu_img,
-                      run,
-                      qemu_raw)
+                      qemu_raw, run)
 from images import (check_extents, connect_meta, create, write,
                     write_patterns)
 
