@@ -16,6 +16,7 @@ its shared context), S3 is a parallel Python plugin.
 
 import concurrent.futures
 import hashlib
+import json
 import os
 import shutil
 import uuid
@@ -127,6 +128,11 @@ def write_mirror(mirror, data):
           "write -s %s 0 %d" % (data, os.path.getsize(data)))
 
 
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def assert_check_clean(path):
     """qemu-img check: no corruption, no leak (exit 0)."""
     p = qemu_img("check", str(path), check=False)
@@ -184,6 +190,35 @@ def test_ssh_write(sshd, tmp_path):
     assert_same_image(img, mirror)
 
 
+def test_ssh_create(sshd, tmp_path):
+    """create=true formats an empty (all-zero) remote file as a qcow2 of
+    its own options; an existing image there is refused, untouched."""
+    container = 16 * M
+    img = tmp_path / "new.qcow2"
+    with open(img, "wb") as f:
+        f.truncate(container)
+    mirror = create(tmp_path / "mirror.qcow2", SIZE, "cluster_size=16384",
+                    "extended_l2=on")
+    data = random_file(tmp_path / "data.raw", 1 * M)
+    with servers.nbdkit(FILTER_ARG, *sshd.plugin_args(img), "create=true",
+                        "qcow2-size=%d" % SIZE, "cluster-size=16K",
+                        "extended-l2=true") as srv:
+        write_through(srv.uri, data)
+    write_mirror(mirror, data)
+    assert os.path.getsize(img) == container
+    assert_check_clean(img)
+    assert_same_image(img, mirror)
+    info = json.loads(qemu_img("info", "--output=json", img).stdout)
+    assert info["cluster-size"] == 16384
+    assert info["format-specific"]["data"]["extended-l2"] is True
+
+    before = sha256(img)
+    rc, err = servers.nbdkit_refuses(FILTER_ARG, *sshd.plugin_args(img),
+                                     "create=true", "qcow2-size=1M")
+    assert rc > 0 and "not empty" in err and "overwrite" in err, err
+    assert sha256(img) == before
+
+
 # --------------------------------------------------------------------------
 # HTTP: the curl plugin against nginx (GET with ranges; PUT refused)
 
@@ -224,11 +259,6 @@ def test_curl_read(web, tmp_path):
         assert e.value.errno in ("EROFS", "EPERM"), e.value
         assert h.pread(4096, 0) == b"\x41" * 4096
         h.shutdown()
-
-
-def sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def test_curl_write_fails_cleanly(web, tmp_path):
