@@ -257,7 +257,7 @@ rgw data = %(d)s/rgw
 @contextlib.contextmanager
 def ceph_s3(timeout=120):
     """A one-node Ceph cluster answering S3 on 127.0.0.1; yields an S3 with
-    a user's keys.  About 15 s to start and 300 MB of memory."""
+    a user's keys.  About 20 s to start here and 300 MB of memory."""
     with daemons("qcow2-ceph-") as (d, started):
         for sub in ("mon", "osd", "rgw", "run", "log"):
             os.mkdir(os.path.join(d, sub))
