@@ -20,6 +20,9 @@ packages=(
   # tests/system: guestfish (libguestfs's appliance boots the host's
   # kernel from /boot), virt-v2v, and debootstrap for the guest it converts
   libguestfs-tools virt-v2v debootstrap debian-archive-keyring
+  # the filter's transport tests: real ssh, HTTP and S3 (Ceph) servers
+  openssh-server nginx-light nbdkit-plugin-python python3-boto3
+  ceph-mon ceph-osd radosgw ceph-common
   # fuzzing and sanitizer runtimes
   clang libclang-rt-14-dev
 )
