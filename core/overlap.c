@@ -39,6 +39,7 @@ static const char *const kind_names[] = {
   [0] = "header", [1] = "active L1 table", [2] = "refcount table",
   [3] = "refcount block", [4] = "active L2 table", [5] = "snapshot table",
   [6] = "snapshot L1 table", [7] = "LUKS header",
+  [8] = "persistent bitmap",
 };
 
 static size_t
@@ -178,6 +179,22 @@ qcow2_signal_corruption (struct qcow2_image *img, const char *fmt, ...)
   else
     qcow2_error ("%s: %s", img->filename, msg);
   return -EIO;
+}
+
+unsigned
+qcow2_overlap_kinds (struct qcow2_image *img, uint64_t offset, uint64_t len)
+{
+  struct qcow2_overlap *o = img->w->overlap;
+  unsigned kinds = 0;
+
+  if (len == 0)
+    return 0;
+  pthread_rwlock_rdlock (&o->lock);
+  for (uint64_t c = offset >> img->cluster_bits;
+       c <= (offset + len - 1) >> img->cluster_bits; c++)
+    kinds |= lookup (o, c);
+  pthread_rwlock_unlock (&o->lock);
+  return kinds;
 }
 
 int

@@ -670,8 +670,13 @@ apply_locked (struct qcow2_image *img, const char *name_or_id)
     goto out;
   }
 
+  /* The whole disk changed for persistent bitmaps, as QEMU counts it. */
+  r = qcow2_bitmaps_resize (img, disk_size);
+  qcow2_bitmaps_mark_all (img);
+
   /* The old active tree lost its user. */
-  r = release_all (img, old_l1, old_l1_size);
+  if (r == 0)
+    r = release_all (img, old_l1, old_l1_size);
   if (r == 0)
     r = settle_copied (img);
 
