@@ -8,7 +8,8 @@
  * is safe.  Requests run fully in parallel; the engine does its own
  * locking.
  *
- * Internal snapshots are further exports, read-only, named after them.
+ * Internal snapshots are further exports, read-only, named after them,
+ * and so is each persistent bitmap's dirty map (bitmaps.c).
  *
  * The image opens read-only and becomes writable at the first write
  * request: nbdkit does not tell plugins about -r before connections
@@ -29,6 +30,7 @@
 
 #include "config.h"
 #include "create.h"
+#include "bitmaps.h"
 #include "qcow2.h"
 #include "snapshots.h"
 
@@ -66,6 +68,7 @@ qcow2_plugin_unload (void)
   qcow2_close (image);
   image = NULL;
   snapshots_unload ();
+  bitmaps_unload ();
   free (filename);
   free (data_file);
   if (passphrase) {
@@ -139,6 +142,8 @@ qcow2_plugin_config (const char *key, const char *value)
   }
   int r = snapshots_config (key, value);
   if (r == 1)
+    r = bitmaps_config (key, value);
+  if (r == 1)
     r = create_config (key, value);
   if (r == 1)
     nbdkit_error ("unknown parameter '%s'", key);
@@ -179,6 +184,7 @@ qcow2_plugin_config_complete (void)
   "check=report|repair    Check refcounts and COPIED flags before serving,\n" \
   "                       and with repair fix them (opens read-write).\n" \
   SNAPSHOTS_CONFIG_HELP \
+  BITMAPS_CONFIG_HELP \
   CREATE_CONFIG_HELP
 
 /* check=: report on stderr as qemu-img check would summarise; with
@@ -227,7 +233,9 @@ qcow2_plugin_get_ready (void)
     return -1;
   if (check_mode != CHECK_NONE && run_check () == -1)
     return -1;
-  return snapshots_run (image);
+  if (snapshots_run (image) == -1)
+    return -1;
+  return bitmaps_run (image);
 }
 
 static void
@@ -247,6 +255,9 @@ qcow2_plugin_dump_plugin (void)
 struct handle {
   struct qcow2_view *view;
   bool compressed;      /* COMPRESSED_EXPORT: whole clusters compressed */
+  bool bitmap;          /* a bitmap export: the active image, read-only,
+                         * block status from bitmap bitmap_index */
+  uint32_t bitmap_index;
 };
 
 /* The reserved export name that nbdkit-qcow2-compress-filter opens: the
@@ -269,6 +280,13 @@ qcow2_plugin_open (int readonly)
   }
   if (export && strcmp (export, COMPRESSED_EXPORT) == 0)
     h->compressed = true;
+  else if (bitmaps_is_export (export)) {
+    if (bitmaps_open_export (image, export, &h->bitmap_index) == -1) {
+      free (h);
+      return NULL;
+    }
+    h->bitmap = true;
+  }
   else if (export && *export &&
            qcow2_view_open (image, export, &h->view) < 0) {
     free (h);
@@ -316,7 +334,7 @@ qcow2_plugin_list_exports (int readonly, int is_tls,
                            ? sn.name : sn.id, desc) == -1)
       return -1;
   }
-  return 0;
+  return bitmaps_list_exports (image, exports);
 }
 
 static const char *
@@ -324,6 +342,8 @@ qcow2_plugin_export_description (void *handle)
 {
   struct handle *h = handle;
   return h->view ? "internal snapshot (read-only)"
+         : h->bitmap ? "dirty bitmap: dirty granules are data, clean ones "
+                       "holes; reads the active image (read-only)"
          : h->compressed ? "active image, compressing whole-cluster writes"
          : "active image";
 }
@@ -367,7 +387,7 @@ static int
 qcow2_plugin_can_write (void *handle)
 {
   struct handle *h = handle;
-  return !h->view && qcow2_may_write (image);
+  return !h->view && !h->bitmap && qcow2_may_write (image);
 }
 
 static int
@@ -530,6 +550,9 @@ qcow2_plugin_extents (void *handle, uint32_t count, uint64_t offset,
   struct handle *h = handle;
   bool one = flags & NBDKIT_FLAG_REQ_ONE;
 
+  if (h->bitmap)
+    return report (bitmaps_extents (image, h->bitmap_index, count, offset,
+                                    one, extents));
   return report (h->view
                  ? qcow2_view_extents (h->view, offset, count, one,
                                        add_extent, extents)
