@@ -79,7 +79,10 @@ bitmap_clusters (struct qcow2_image *img, const struct qcow2_bitmap *bm,
 /* Before trusting the directory with frees: every cluster it names holds
  * nothing else (no other metadata, no other bitmap cluster) and has
  * refcount 1.  Then they join the overlap set, so that no guest write
- * lands on them either.  Under the writer lock.
+ * lands on them either.  A bitmap cluster that is also guest data with a
+ * wrong refcount of 1 is not caught here (that needs the walk of every
+ * L2 table that check.c makes): like QEMU, we trust refcounts there.
+ * Under the writer lock.
  */
 static int
 check_clusters (struct qcow2_image *img)
@@ -114,22 +117,23 @@ check_clusters (struct qcow2_image *img)
   if (r == 0)
     qsort (l.v, l.n, sizeof *l.v, cmp_u64);
   for (size_t i = 0; r == 0 && i < l.n; i++) {
-    uint64_t refcount = 0;
+    uint64_t refcount = 1;
     unsigned kinds = qcow2_overlap_kinds (img, l.v[i], img->cluster_size);
+    const char *why = NULL;
+
     if (i > 0 && l.v[i] == l.v[i - 1])
-      r = -EINVAL;
+      why = "used twice";
     else if (kinds)
-      r = -EINVAL;
+      why = "also other metadata";
     else if ((r = qcow2_refcount_get (img, l.v[i] >> img->cluster_bits,
                                       &refcount)) == 0 && refcount != 1)
-      r = -EINVAL;
-    if (r == -EINVAL)
+      why = "not counted exactly once";
+    if (why) {
       qcow2_error ("%s: bitmap cluster %#" PRIx64 " is %s: the bitmaps "
                    "are damaged; not writing the image (its bitmaps "
-                   "would be lost)", img->filename, l.v[i],
-                   kinds ? "also other metadata"
-                   : refcount != 1 ? "not counted exactly once"
-                   : "used twice");
+                   "would be lost)", img->filename, l.v[i], why);
+      r = -EINVAL;
+    }
   }
   for (size_t i = 0; r == 0 && i < l.n; i++)
     r = qcow2_overlap_add (img, l.v[i], img->cluster_size,
