@@ -14,8 +14,9 @@
  * The image opens read-only and becomes writable at the first write
  * request: nbdkit does not tell plugins about -r before connections
  * arrive, and a client that only reads (nbdinfo, qemu-img convert) must
- * not change the image (enabling writes clears autoclear bits, releases
- * stale bitmaps, repairs a dirty image, takes the write locks).
+ * not change the image (enabling writes clears autoclear bits, marks the
+ * persistent bitmaps in use, repairs a dirty image, takes the write
+ * locks).
  */
 #define NBDKIT_API_VERSION 2
 #include <nbdkit-plugin.h>
