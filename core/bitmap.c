@@ -518,6 +518,11 @@ qcow2_bitmap_add (struct qcow2_image *img, const char *name,
                  img->filename);
     return -ENOTSUP;
   }
+  if (img->h.size == 0) {
+    qcow2_error ("%s: the disk is empty: a bitmap would have no bits",
+                 img->filename);
+    return -EINVAL;
+  }
   if (granularity == 0)
     granularity = default_granularity (img);
   if (granularity & (granularity - 1) ||

@@ -189,24 +189,30 @@ write_header (struct qcow2_image *img, uint32_t nb, uint64_t dir_size,
       break;
     if (magic == QCOW2_EXT_BITMAPS) {
       if (nb && !placed) {
+        if (pos + sizeof ext > cs) {
+          pos = cs + 1;   /* reported below */
+          break;
+        }
         memcpy (buf + pos, ext, sizeof ext);
         pos += sizeof ext;
       }
       placed = true;
     }
     else {
-      if (pos + 8 + len > cs)
+      if (pos + 8 + len > cs) {
+        pos = cs + 1;   /* reported below */
         break;
+      }
       memcpy (buf + pos, old + off, 8 + len);
       pos += 8 + len;
     }
     off += 8 + len;
   }
   old_end = off + 8;
-  if (nb && !placed) {
+  if (nb && !placed && pos + sizeof ext <= cs)
     memcpy (buf + pos, ext, sizeof ext);
+  if (nb && !placed)
     pos += sizeof ext;
-  }
   pos += 8;   /* the end marker: zeros */
   if (pos > cs || (backing && pos + backing_len > cs) ||
       (backing && backing + backing_len > avail)) {

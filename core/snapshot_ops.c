@@ -617,6 +617,10 @@ apply_locked (struct qcow2_image *img, const char *name_or_id)
     r = -EINVAL;
     goto out;
   }
+  /* Bitmaps follow the disk size: refuse now, not half way. */
+  r = qcow2_bitmaps_resize_check (img, disk_size);
+  if (r < 0)
+    goto out;
   needed = div_round_up (disk_size, 1ull << l2_shift);
   if (needed < sn_l1_size)
     needed = sn_l1_size;

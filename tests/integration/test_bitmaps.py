@@ -500,3 +500,24 @@ def test_v2_image_refuses_bitmaps(tmp_path):
     src = plain(tmp_path, 4 * M, "compat=0.10")
     rc, err = start_fails(src.path, "bitmap-add=b0")
     assert rc == 1 and "v2" in err, err
+
+
+def test_add_moves_backing_name(tmp_path):
+    """512-byte clusters: the new bitmaps extension needs the bytes where
+    QEMU put the backing file name, which moves after it, as QEMU lays
+    the header out."""
+    base = create(tmp_path / ("base-with-a-long-name-" + "x" * 60 +
+                              ".qcow2"), 4 * M)
+    src = Src(create(tmp_path / "a.qcow2", 4 * M, "cluster_size=512",
+                     backing=base, backing_fmt="qcow2"))
+    with serve(src.path, "bitmap-add=b0") as srv:
+        h = srv.connect()
+        h.pwrite(b"m" * 512, 3 * M)
+        h.shutdown()
+    i = info(src)
+    assert i["backing-filename"] == str(base)
+    assert i["backing-filename-format"] == "qcow2"
+    assert_maps(src, {"b0": {(3 * M) // (4 * K)}})
+    qemu_img("bitmap", "--add", src.path, "b1")    # QEMU can go on
+    assert set(bitmaps_info(src)) == {"b0", "b1"}
+    check_clean(src)
