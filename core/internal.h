@@ -10,6 +10,8 @@
  *   crypt     encryption of data sectors
  *   backing   what lies below an image: a qcow2 image, a raw file, nothing
  *   read      the read path; extents; image (open/close, public API)
+ *   bitmap    persistent dirty bitmaps: in memory (bitmap.c), on disk
+ *             (bitmap_store.c)
  */
 #ifndef QCOW2_INTERNAL_H
 #define QCOW2_INTERNAL_H

@@ -7,8 +7,9 @@
  * every write to the image file we check the target against the clusters
  * that hold metadata, as QEMU's default "cached" overlap check does: the
  * header, the active L1 table, the refcount table and blocks, the active
- * L2 tables, the snapshot table and the snapshots' L1 tables, and the LUKS
- * header.  On a hit the image is marked corrupt (incompatible bit 1), the
+ * L2 tables, the snapshot table and the snapshots' L1 tables, the LUKS
+ * header, and the persistent bitmaps' directory, tables and data (entered
+ * by bitmap_store.c; QEMU checks only the directory).  On a hit the image is marked corrupt (incompatible bit 1), the
  * write fails with EIO, and so does every later write.
  *
  * The set maps a cluster index to the kinds of metadata it holds (a bit
