@@ -594,10 +594,11 @@ qcow2_bitmap_remove (struct qcow2_image *img, const char *name)
   return commit (img);
 }
 
-int
-qcow2_bitmap_clear (struct qcow2_image *img, const char *name)
+/* The consistent bitmap `name`, for a management operation. */
+static int
+manageable (struct qcow2_image *img, const char *name,
+            struct qcow2_bitmap **bm)
 {
-  struct qcow2_bitmap *bm;
   int64_t i;
   int r;
 
@@ -605,7 +606,18 @@ qcow2_bitmap_clear (struct qcow2_image *img, const char *name)
     return r;
   if ((i = lookup (img, name, true)) < 0)
     return (int) i;
-  bm = &img->bitmaps.v[i];
+  *bm = &img->bitmaps.v[i];
+  return 0;
+}
+
+int
+qcow2_bitmap_clear (struct qcow2_image *img, const char *name)
+{
+  struct qcow2_bitmap *bm = NULL;
+  int r = manageable (img, name, &bm);
+
+  if (r < 0)
+    return r;
   memset (bm->words, 0, div_round_up (bm->nbits, 64) * 8);
   return commit (img);
 }
@@ -614,15 +626,11 @@ int
 qcow2_bitmap_set_enabled (struct qcow2_image *img, const char *name,
                           bool enabled)
 {
-  struct qcow2_bitmap *bm;
-  int64_t i;
-  int r;
+  struct qcow2_bitmap *bm = NULL;
+  int r = manageable (img, name, &bm);
 
-  if ((r = check_manage (img)) < 0)
+  if (r < 0)
     return r;
-  if ((i = lookup (img, name, true)) < 0)
-    return (int) i;
-  bm = &img->bitmaps.v[i];
   bm->flags = (bm->flags & ~QCOW2_BME_AUTO) | (enabled ? QCOW2_BME_AUTO : 0);
   return commit (img);
 }
