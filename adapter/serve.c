@@ -9,7 +9,9 @@
  *
  * Exports: "" is the active image; every internal snapshot is a further,
  * read-only export named after it; COMPRESSED_EXPORT is the active image
- * for nbdkit-qcow2-compress-filter.
+ * for nbdkit-qcow2-compress-filter; "bitmap:NAME" is the active image,
+ * read-only, with persistent bitmap NAME's dirty map as its block status
+ * (bitmaps.c).
  *
  * The image opens read-only and becomes writable at the first write
  * request: nbdkit does not tell plugins or filters about -r before
@@ -87,6 +89,8 @@ serve_config (const char *key, const char *value)
   }
   int r = snapshots_config (key, value);
   if (r == 1)
+    r = bitmaps_config (key, value);
+  if (r == 1)
     r = create_config (key, value);
   return r;
 }
@@ -152,7 +156,9 @@ serve_startup (struct qcow2_image *img, const char *name)
     return -1;
   if (check_mode != CHECK_NONE && run_check (name) == -1)
     return -1;
-  return snapshots_run (image);
+  if (snapshots_run (image) == -1)
+    return -1;
+  return bitmaps_run (image);
 }
 
 void
@@ -173,6 +179,7 @@ serve_unload (void)
 {
   serve_detach ();
   snapshots_unload ();
+  bitmaps_unload ();
   if (passphrase) {
     memset (passphrase, 0, strlen (passphrase));
     free (passphrase);
@@ -186,6 +193,9 @@ serve_unload (void)
 struct serve_handle {
   struct qcow2_view *view;
   bool compressed;      /* COMPRESSED_EXPORT: whole clusters compressed */
+  bool bitmap;          /* a bitmap export: the active image, read-only,
+                         * block status from bitmap bitmap_index */
+  uint32_t bitmap_index;
 };
 
 struct serve_handle *
@@ -199,6 +209,13 @@ serve_open (const char *export)
   }
   if (export && strcmp (export, COMPRESSED_EXPORT) == 0)
     h->compressed = true;
+  else if (bitmaps_is_export (export)) {
+    if (bitmaps_open_export (image, export, &h->bitmap_index) == -1) {
+      free (h);
+      return NULL;
+    }
+    h->bitmap = true;
+  }
   else if (export && *export &&
            qcow2_view_open (image, export, &h->view) < 0) {
     free (h);
@@ -239,13 +256,15 @@ serve_list_exports (struct nbdkit_exports *exports)
                            ? sn.name : sn.id, desc) == -1)
       return -1;
   }
-  return 0;
+  return bitmaps_list_exports (image, exports);
 }
 
 const char *
 serve_export_description (struct serve_handle *h)
 {
   return h->view ? "internal snapshot (read-only)"
+         : h->bitmap ? "dirty bitmap: dirty granules are data, clean ones "
+                       "holes; reads the active image (read-only)"
          : h->compressed ? COMPRESSED_DESCRIPTION
          : "active image";
 }
@@ -284,7 +303,7 @@ serve_block_size (uint32_t *minimum, uint32_t *preferred, uint32_t *maximum)
 bool
 serve_can_write (struct serve_handle *h)
 {
-  return !h->view && qcow2_may_write (image);
+  return !h->view && !h->bitmap && qcow2_may_write (image);
 }
 
 int
@@ -391,6 +410,9 @@ int
 serve_extents (struct serve_handle *h, uint32_t count, uint64_t offset,
                bool req_one, struct nbdkit_extents *extents)
 {
+  if (h->bitmap)
+    return bitmaps_extents (image, h->bitmap_index, count, offset, req_one,
+                            extents);
   return h->view
          ? qcow2_view_extents (h->view, offset, count, req_one, add_extent,
                                extents)

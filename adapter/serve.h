@@ -16,6 +16,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "bitmaps.h"
 #include "create.h"
 #include "snapshots.h"
 
@@ -25,7 +26,7 @@ struct nbdkit_exports;
 struct nbdkit_extents;
 
 /* Keys both adapters take: passphrase=, follow-backing=,
- * max-chain-depth=, cache-size=, check=, the snapshot keys and the
+ * max-chain-depth=, cache-size=, check=, the snapshot, bitmap and
  * creation keys.  0: taken; -1: bad value (reported); 1: not ours.
  */
 int serve_config (const char *key, const char *value);
@@ -47,7 +48,7 @@ const char *serve_passphrase (void);
 bool serve_repair_requested (void);
 
 /* After the image is open: size= with resize=true, check=, the snapshot
- * operations; the image is then the one served (serve_attach).  name is
+ * and bitmap operations; the image is then the one served (serve_attach).  name is
  * used in messages.
  */
 int serve_startup (struct qcow2_image *image, const char *name);

@@ -79,6 +79,11 @@ IMAGES = {
         "overlay", "overlay.qcow2", "random.raw",
         "empty qcow2 overlay over full.qcow2: every read goes through the "
         "backing file", backing="full.qcow2"),
+    # For the bitmaps row: the cost of keeping persistent bitmaps.
+    "full-bitmaps": Image(
+        "full-bitmaps", "full-bitmaps.qcow2", "random.raw",
+        "full.qcow2 with two enabled persistent dirty bitmaps (64 KiB and "
+        "4 KiB granularity)"),
     # For write rows: an empty qcow2, so every write allocates.
     "empty": Image(
         "empty", "empty.qcow2", "empty.raw",
@@ -129,6 +134,8 @@ ROWS = [
     Row("seqread-1M-compressed", "compressed", "read", "1M", iodepth=4),
     Row("randread-4k-backing", "overlay", "randread", "4k", iodepth=16),
     Row("overwrite-4k", "full", "randwrite", "4k", iodepth=16, write=True),
+    Row("overwrite-4k-bitmaps", "full-bitmaps", "randwrite", "4k",
+        iodepth=16, write=True),
     Row("randwrite-4k-alloc", "empty", "randwrite", "4k", iodepth=16,
         write=True),
     Row("randwrite-4k-alloc-4jobs", "empty", "randwrite", "4k", iodepth=16,
@@ -359,6 +366,12 @@ class Images:
             qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2",
                      "-o", "cluster_size=65536,compression_type=zlib",
                      self.path("text.raw"), p)
+        elif name == "full-bitmaps.qcow2":
+            self._build_file("full.qcow2")
+            run(["cp", "--reflink=auto", "--sparse=always",
+                 self.path("full.qcow2"), p])
+            qemu_img("bitmap", "--add", "-g", "65536", p, "b64k")
+            qemu_img("bitmap", "--add", "-g", "4096", p, "b4k")
         elif name == "overlay.qcow2":
             self._build_file("full.qcow2")
             qemu_img("create", "-f", "qcow2", "-o", "cluster_size=65536",
@@ -648,6 +661,15 @@ def check_image(qcow2_path, source=None):
             log(f"bench: {' '.join(cmd)}: exit {p.returncode}: "
                 f"{p.stdout.strip()[:500]}")
             return "CORRUPT"
+    # Persistent bitmaps must have been stored: none left in use.
+    info = json.loads(subprocess.run(
+        ["qemu-img", "info", "--output=json", qcow2_path],
+        stdout=subprocess.PIPE, text=True, check=True).stdout)
+    for b in info.get("format-specific", {}).get("data", {}).get(
+            "bitmaps", []):
+        if "in-use" in b["flags"]:
+            log(f"bench: {qcow2_path}: bitmap {b['name']} left in use")
+            return "CORRUPT"
     return "clean"
 
 
@@ -794,6 +816,21 @@ def memory_table(rows_out):
             lines.append(f"  {label:28}  {res['vmhwm_mib']:9.1f}  "
                          f"{res['iops']:9,.0f}")
     return "\n".join(lines)
+
+
+def bitmaps_cost(rows_out):
+    """Each server's overwrite-4k-bitmaps over its overwrite-4k."""
+    by = {r["workload"]: r.get("results", {}) for r in rows_out}
+    a, b = by.get("overwrite-4k-bitmaps"), by.get("overwrite-4k")
+    if not a or not b:
+        return ""
+    cells = []
+    for s in a:
+        if s in b and b[s].get("mib_s") and a[s].get("mib_s") and \
+                "CORRUPT" not in (a[s].get("check"), b[s].get("check")):
+            cells.append(f"{s} {a[s]['mib_s'] / b[s]['mib_s']:.3f}")
+    return ("keeping two enabled bitmaps (overwrite-4k-bitmaps / "
+            "overwrite-4k, 1 = free): " + ", ".join(cells))
 
 
 def size_table(rows_out):
@@ -1017,7 +1054,7 @@ def main():
         print(t, file=out)
         print(file=out)
     sizes = size_table(rows_out)
-    for extra in (sizes, memory_table(rows_out)):
+    for extra in (sizes, memory_table(rows_out), bitmaps_cost(rows_out)):
         if extra:
             print(extra, file=out)
             print(file=out)

@@ -142,6 +142,7 @@ qcow2_write_compressed (struct qcow2_image *img, const void *buf,
     return -EINVAL;
   }
   len = min_u64 (cs, img->h.size - guest);
+  qcow2_bitmaps_mark (img, guest, len);
   if (img->external_data || img->crypt)
     return qcow2_write (img, buf, len, guest, false);
 

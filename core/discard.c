@@ -210,6 +210,8 @@ zero_or_trim (struct qcow2_image *img, const struct request *rq,
   }
   if (len == 0)
     return 0;
+  /* Persistent bitmaps count zeroes and trims as writes, as QEMU does. */
+  qcow2_bitmaps_mark (img, offset, len);
 
   qcow2_cluster_span (img, offset, len, &first, &count);
   qcow2_rangelock_lock (img->ranges, first, count, true);

@@ -60,4 +60,19 @@
 #define QCOW2_MAX_BITMAPS         65535u
 #define QCOW2_MAX_BITMAP_DIR      (64u << 20)
 
+/* Persistent bitmaps: directory entries and tables (QEMU's
+ * block/qcow2-bitmap.c limits).
+ */
+#define QCOW2_BME_ENTRY_BYTES          24
+#define QCOW2_BME_IN_USE               (1u << 0)
+#define QCOW2_BME_AUTO                 (1u << 1)
+#define QCOW2_BME_MAX_TABLE_SIZE       0x8000000u
+#define QCOW2_BME_MAX_PHYS_SIZE        0x20000000u
+#define QCOW2_BME_MIN_GRANULARITY_BITS 9
+#define QCOW2_BME_MAX_GRANULARITY_BITS 31
+#define QCOW2_BME_MAX_NAME             1023u
+#define QCOW2_BME_TABLE_RESERVED_MASK  0xff000000000001feull
+#define QCOW2_BME_TABLE_OFFSET_MASK    0x00fffffffffffe00ull
+#define QCOW2_BME_TABLE_ALL_ONES       (1ull << 0)
+
 #endif /* QCOW2_FORMAT_H */

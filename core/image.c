@@ -61,6 +61,7 @@ bool
 qcow2_may_write (const struct qcow2_image *img)
 {
   return !(img->h.incompatible_features & QCOW2_INCOMPAT_CORRUPT) &&
+         !img->bitmaps.error &&
          !__atomic_load_n (&img->corrupt, __ATOMIC_ACQUIRE) &&
          qcow2_io_is_writable (img->io) &&
          (img->data_io == img->io || qcow2_io_is_writable (img->data_io));
@@ -332,12 +333,12 @@ qcow2_enable_write (struct qcow2_image *img)
   }
 
   /* Autoclear bits we do not maintain must be cleared before the first
-   * write (spec); that includes the bitmaps bit: we do not update
-   * bitmaps, so they are released (bitmap.c).
+   * write (spec).  Bitmaps we maintain: claiming them sets in_use and
+   * keeps the bitmaps bit (bitmap_store.c).
    */
   autoclear = img->h.autoclear_features & QCOW2_AUTOCLEAR_DATA_RAW;
   if (img->h.has_bitmaps_ext) {
-    r = qcow2_bitmaps_release (img, autoclear);
+    r = qcow2_bitmaps_claim (img, autoclear);
     if (r < 0)
       goto fail;
   }
@@ -412,6 +413,9 @@ qcow2_image_open (struct qcow2_io *io, const struct qcow2_open_options *opts,
                                  &img->snapshot_table_bytes)) < 0)
     goto fail;
   img->nb_snapshots = img->h.nb_snapshots;
+  /* Bitmaps belong to the image written: the top one. */
+  if (chain->depth == 1 && (r = qcow2_bitmaps_load (img)) < 0)
+    goto fail;
 
   if ((r = create_cache (img, opts->cache_size)) < 0 ||
       (r = open_crypt (img, opts->passphrase)) < 0 ||
@@ -470,6 +474,10 @@ qcow2_close (struct qcow2_image *img)
   if (!img)
     return;
   if (img->w) {
+    /* Bitmaps are stored with in_use cleared; a failure leaves in_use
+     * set, which QEMU treats as inconsistent: safe.
+     */
+    qcow2_bitmaps_store (img, true);
     /* Two syncs: the second writes the refcount decrements that the
      * first applied.  Failures were reported; nothing more to do.
      */
@@ -486,6 +494,7 @@ qcow2_close (struct qcow2_image *img)
   qcow2_rangelock_free (img->ranges);
   qcow2_cache_free (img->l2_cache);
   qcow2_snapshots_free (img->snapshots, img->nb_snapshots);
+  qcow2_bitmaps_free (img);
   free (img->l1);
   qcow2_header_free (&img->h);
   qcow2_io_close (img->io);

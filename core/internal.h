@@ -10,6 +10,8 @@
  *   crypt     encryption of data sectors
  *   backing   what lies below an image: a qcow2 image, a raw file, nothing
  *   read      the read path; extents; image (open/close, public API)
+ *   bitmap    persistent dirty bitmaps: in memory (bitmap.c), on disk
+ *             (bitmap_store.c)
  */
 #ifndef QCOW2_INTERNAL_H
 #define QCOW2_INTERNAL_H
@@ -143,7 +145,7 @@ enum qcow2_backing_kind { BACKING_NONE, BACKING_QCOW2, BACKING_RAW };
 enum qcow2_metadata_kind {
   QCOW2_META_HEADER, QCOW2_META_L1, QCOW2_META_REFTABLE,
   QCOW2_META_REFBLOCK, QCOW2_META_L2, QCOW2_META_SNAPSHOTS,
-  QCOW2_META_SNAPSHOT_L1, QCOW2_META_CRYPTO,
+  QCOW2_META_SNAPSHOT_L1, QCOW2_META_CRYPTO, QCOW2_META_BITMAP,
   QCOW2_META_NONE = 15,   /* guest data: every kind is an overlap */
 };
 struct qcow2_overlap;
@@ -172,6 +174,34 @@ struct qcow2_writer {
                                    * a partly used host cluster; 0: none
                                    * (see compress.c) */
   bool enospc_quiet;              /* qcow2_alloc_clusters_try is running */
+};
+
+/* A persistent dirty bitmap (bitmap.c, bitmap_store.c). */
+struct qcow2_bitmap {
+  char *name;
+  uint32_t flags;             /* directory flags: QCOW2_BME_IN_USE, _AUTO */
+  uint8_t granularity_bits;
+  bool inconsistent;          /* in_use when opened: kept as is, unused */
+  bool verified;              /* its clusters are its own: may be freed */
+  uint64_t table_offset;      /* on disk; 0: added, not stored yet */
+  uint32_t table_size;
+  uint64_t *table;            /* the entries, host order (or NULL) */
+  uint64_t nbits;             /* granules of the disk */
+  uint64_t *words;            /* bit i: words[i / 64] bit i % 64 (NULL
+                               * when inconsistent) */
+};
+
+struct qcow2_bitmaps {
+  struct qcow2_bitmap *v;
+  uint32_t n;
+  struct qcow2_bitmap **enabled;  /* the bitmaps writes mark */
+  uint32_t nb_enabled;
+  struct qcow2_bitmap *dropped;   /* removed: clusters freed at next store */
+  size_t nr_dropped;
+  char *error;                /* why the directory is unusable, or NULL */
+  bool claimed;               /* in_use is set on disk: store at close */
+  bool changed;               /* differs from what is on disk */
+  bool dir_verified;          /* the directory's clusters are its own */
 };
 
 /* An open image.  Geometry and tables are set at open; the mutable parts
@@ -221,6 +251,9 @@ struct qcow2_image {
   struct qcow2_snapshot *snapshots;
   uint32_t nb_snapshots;
   uint64_t snapshot_table_bytes;
+
+  struct qcow2_bitmaps bitmaps; /* top image only; changed only while no
+                                 * request runs, except the bits */
 
   struct qcow2_writer *w;        /* NULL when read-only */
   bool writable;                /* w is complete: requests may write */
@@ -395,10 +428,39 @@ int qcow2_check_can_write (struct qcow2_image *img);
 int qcow2_write_locked (struct qcow2_image *img, const unsigned char *buf,
                         uint64_t len, uint64_t offset);
 
-/* bitmap.c: release persistent bitmaps we will not maintain, writing
- * `autoclear` as the new autoclear bits.  Takes the writer lock.
+/* bitmap.c: read the bitmap directory and the consistent bitmaps of the
+ * top image at open.  A directory QEMU would refuse is not an error here:
+ * it is remembered (bitmaps.error), reads work, writing is refused.
  */
-int qcow2_bitmaps_release (struct qcow2_image *img, uint64_t autoclear);
+int qcow2_bitmaps_load (struct qcow2_image *img);
+void qcow2_bitmaps_free (struct qcow2_image *img);
+void qcow2_bitmap_free_one (struct qcow2_bitmap *bm);
+/* Read bm's table into bm->table, checking its entries. */
+int qcow2_bitmap_read_table (struct qcow2_image *img, struct qcow2_bitmap *bm);
+/* Mark guest bytes dirty in every enabled bitmap: any thread, no lock. */
+void qcow2_bitmaps_mark_range (struct qcow2_image *img, uint64_t offset,
+                               uint64_t len);
+void qcow2_bitmaps_mark_all (struct qcow2_image *img);
+/* The disk size changed to new_size (no request in flight); _check says
+ * beforehand whether every bitmap can follow.
+ */
+int qcow2_bitmaps_resize_check (struct qcow2_image *img, uint64_t new_size);
+int qcow2_bitmaps_resize (struct qcow2_image *img, uint64_t new_size);
+
+static inline void
+qcow2_bitmaps_mark (struct qcow2_image *img, uint64_t offset, uint64_t len)
+{
+  if (img->bitmaps.nb_enabled)
+    qcow2_bitmaps_mark_range (img, offset, len);
+}
+
+/* bitmap_store.c, with no request in flight.  claim: before the first
+ * write, check that the bitmaps' clusters are theirs and set in_use on
+ * disk, writing `autoclear` (plus the bitmaps bit) as the autoclear bits.
+ * store: write the bitmaps; final (clean close) clears in_use.
+ */
+int qcow2_bitmaps_claim (struct qcow2_image *img, uint64_t autoclear);
+int qcow2_bitmaps_store (struct qcow2_image *img, bool final);
 
 /* overlap.c: add/remove under the writer lock; check from any thread.
  * qcow2_overlap_check returns -EIO (after marking the image corrupt) when
@@ -411,6 +473,11 @@ int qcow2_overlap_add (struct qcow2_image *img, uint64_t offset, uint64_t len,
 void qcow2_overlap_remove (struct qcow2_image *img, uint64_t offset);
 int qcow2_overlap_check (struct qcow2_image *img, uint64_t offset,
                          uint64_t len, enum qcow2_metadata_kind own_kind);
+/* The kinds of metadata (a mask of 1 << kind) in [offset, offset + len),
+ * without signalling anything.
+ */
+unsigned qcow2_overlap_kinds (struct qcow2_image *img, uint64_t offset,
+                              uint64_t len);
 int qcow2_signal_corruption (struct qcow2_image *img, const char *fmt, ...)
   __attribute__ ((format (printf, 2, 3)));
 

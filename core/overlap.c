@@ -7,8 +7,9 @@
  * every write to the image file we check the target against the clusters
  * that hold metadata, as QEMU's default "cached" overlap check does: the
  * header, the active L1 table, the refcount table and blocks, the active
- * L2 tables, the snapshot table and the snapshots' L1 tables, and the LUKS
- * header.  On a hit the image is marked corrupt (incompatible bit 1), the
+ * L2 tables, the snapshot table and the snapshots' L1 tables, the LUKS
+ * header, and the persistent bitmaps' directory, tables and data (entered
+ * by bitmap_store.c; QEMU checks only the directory).  On a hit the image is marked corrupt (incompatible bit 1), the
  * write fails with EIO, and so does every later write.
  *
  * The set maps a cluster index to the kinds of metadata it holds (a bit
@@ -39,6 +40,7 @@ static const char *const kind_names[] = {
   [0] = "header", [1] = "active L1 table", [2] = "refcount table",
   [3] = "refcount block", [4] = "active L2 table", [5] = "snapshot table",
   [6] = "snapshot L1 table", [7] = "LUKS header",
+  [8] = "persistent bitmap",
 };
 
 static size_t
@@ -178,6 +180,22 @@ qcow2_signal_corruption (struct qcow2_image *img, const char *fmt, ...)
   else
     qcow2_error ("%s: %s", img->filename, msg);
   return -EIO;
+}
+
+unsigned
+qcow2_overlap_kinds (struct qcow2_image *img, uint64_t offset, uint64_t len)
+{
+  struct qcow2_overlap *o = img->w->overlap;
+  unsigned kinds = 0;
+
+  if (len == 0)
+    return 0;
+  pthread_rwlock_rdlock (&o->lock);
+  for (uint64_t c = offset >> img->cluster_bits;
+       c <= (offset + len - 1) >> img->cluster_bits; c++)
+    kinds |= lookup (o, c);
+  pthread_rwlock_unlock (&o->lock);
+  return kinds;
 }
 
 int

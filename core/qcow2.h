@@ -237,6 +237,54 @@ int qcow2_snapshot_create (struct qcow2_image *image, const char *name);
 int qcow2_snapshot_delete (struct qcow2_image *image, const char *name_or_id);
 int qcow2_snapshot_apply (struct qcow2_image *image, const char *name_or_id);
 
+/* Persistent dirty bitmaps (docs/interop/qcow2.rst "Bitmaps"), kept up to
+ * date as QEMU keeps them: opening read-write sets in_use on the
+ * consistent bitmaps before the first write; every write, zero, trim and
+ * compressed write marks the granules it touches in each enabled bitmap;
+ * applying a snapshot marks the whole disk; growing the disk grows the
+ * bitmaps (the new granules clean); qcow2_close stores them and clears
+ * in_use.  Bitmaps in_use when the image was opened are inconsistent
+ * (their writer died or still runs): kept unchanged, never used.  An
+ * image whose bitmap directory QEMU would refuse is served read-only
+ * (qcow2_may_write is false, and qcow2_bitmaps_error says why).
+ */
+struct qcow2_bitmap_info {
+  const char *name;          /* valid until the bitmaps change or close */
+  uint32_t granularity;      /* bytes per bit */
+  bool enabled;              /* writes mark it ("auto") */
+  bool inconsistent;         /* in_use when opened: unusable */
+  uint64_t dirty_bytes;      /* guest bytes marked dirty */
+};
+
+uint32_t qcow2_bitmap_count (const struct qcow2_image *image);
+void qcow2_bitmap_get_info (const struct qcow2_image *image, uint32_t i,
+                            struct qcow2_bitmap_info *info);
+/* Index of the bitmap named name, or -ENOENT (not reported). */
+int64_t qcow2_bitmap_find (const struct qcow2_image *image, const char *name);
+/* Why the image's bitmaps are unusable, or NULL. */
+const char *qcow2_bitmaps_error (const struct qcow2_image *image);
+
+/* Management, as `qemu-img bitmap` (image writable, no requests in
+ * flight); each change is on disk when it returns, with in_use set while
+ * the image stays open.  add: a new, empty, enabled bitmap; granularity 0
+ * picks QEMU's default (the cluster size, within 4 KiB..64 KiB).  clear
+ * and enable/disable refuse inconsistent bitmaps; remove takes any.
+ */
+int qcow2_bitmap_add (struct qcow2_image *image, const char *name,
+                      uint32_t granularity);
+int qcow2_bitmap_remove (struct qcow2_image *image, const char *name);
+int qcow2_bitmap_clear (struct qcow2_image *image, const char *name);
+int qcow2_bitmap_set_enabled (struct qcow2_image *image, const char *name,
+                              bool enabled);
+
+/* The dirty map of bitmap i over [offset, offset + len) of the disk:
+ * dirty granules as data (flags 0), clean ones as QCOW2_EXTENT_HOLE.
+ * Refused (-EIO) for an inconsistent bitmap.
+ */
+int qcow2_bitmap_extents (struct qcow2_image *image, uint32_t i,
+                          uint64_t offset, uint64_t len, bool one_extent,
+                          qcow2_extent_fn fn, void *opaque);
+
 /* A read-only view of a snapshot, found by name or else by id.  Views
  * stay consistent while the active image is written: clusters a snapshot
  * shares are copied before the active layer changes them.

@@ -161,11 +161,17 @@ qcow2_resize (struct qcow2_image *img, uint64_t new_size)
     return -EFBIG;
   }
 
+  /* Bitmaps grow with the disk, as QEMU's do (the new part clean). */
+  r = qcow2_bitmaps_resize_check (img, new_size);
+  if (r < 0)
+    return r;
   pthread_mutex_lock (&img->w->lock);
   if (needed > img->l1_size)
     r = qcow2_grow_l1 (img, new_size, (uint32_t) needed);
   else
     r = qcow2_write_disk_size (img, new_size);  /* the table covers it */
   pthread_mutex_unlock (&img->w->lock);
+  if (r == 0)
+    r = qcow2_bitmaps_resize (img, new_size);
   return r;
 }

@@ -617,6 +617,10 @@ apply_locked (struct qcow2_image *img, const char *name_or_id)
     r = -EINVAL;
     goto out;
   }
+  /* Bitmaps follow the disk size: refuse now, not half way. */
+  r = qcow2_bitmaps_resize_check (img, disk_size);
+  if (r < 0)
+    goto out;
   needed = div_round_up (disk_size, 1ull << l2_shift);
   if (needed < sn_l1_size)
     needed = sn_l1_size;
@@ -670,8 +674,13 @@ apply_locked (struct qcow2_image *img, const char *name_or_id)
     goto out;
   }
 
+  /* The whole disk changed for persistent bitmaps, as QEMU counts it. */
+  r = qcow2_bitmaps_resize (img, disk_size);
+  qcow2_bitmaps_mark_all (img);
+
   /* The old active tree lost its user. */
-  r = release_all (img, old_l1, old_l1_size);
+  if (r == 0)
+    r = release_all (img, old_l1, old_l1_size);
   if (r == 0)
     r = settle_copied (img);
 

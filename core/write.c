@@ -372,6 +372,10 @@ qcow2_write (struct qcow2_image *img, const void *buf, uint64_t len,
   }
   if (len == 0)
     return 0;
+  /* Persistent bitmaps: marked before the write, so a write that fails
+   * half way is counted too.
+   */
+  qcow2_bitmaps_mark (img, offset, len);
 
   qcow2_cluster_span (img, offset, len, &first, &count);
   /* Encrypted data is written in whole sectors: a partial sector is read,

@@ -104,6 +104,7 @@ qcow2_plugin_config_complete (void)
   "data-file=<FILENAME>   External data file, overriding the image's.\n" \
   "locking=false          Do not take QEMU-compatible image locks.\n" \
   SNAPSHOTS_CONFIG_HELP \
+  BITMAPS_CONFIG_HELP \
   CREATE_CONFIG_HELP
 
 static int

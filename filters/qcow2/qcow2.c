@@ -132,6 +132,7 @@ qcow2_filter_config_complete (nbdkit_next_config_complete *next,
   "backing-dir=<DIR>      Local directory where the image's backing files\n" \
   "                       are found (refused without it).\n" \
   SNAPSHOTS_CONFIG_HELP \
+  BITMAPS_CONFIG_HELP \
   CREATE_CONFIG_HELP_SIZED ("qcow2-size", "container")
 
 /* Open the layer below read-write where it allows (the image becomes

@@ -176,6 +176,15 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
       abort ();                 /* beyond the end of the disk */
   }
 
+  /* Persistent bitmaps: their info and dirty maps over the window. */
+  for (uint32_t i = 0; i < qcow2_bitmap_count (img); i++) {
+    struct qcow2_bitmap_info info;
+    unsigned n = 0;
+    qcow2_bitmap_get_info (img, i, &info);
+    if (window > 0)
+      qcow2_bitmap_extents (img, i, 0, window, false, count_extent, &n);
+  }
+
   qcow2_close (img);
   return 0;
 }

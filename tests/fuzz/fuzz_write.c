@@ -206,6 +206,25 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
       if (len)
         qcow2_extents (img, 0, len, false, count_extent, &n);
     }
+    /* Bitmap management over whatever directory the input has: add one,
+     * write, clear and disable the input's first, remove the new one.
+     * qcow2_close then stores them all.
+     */
+    if (lseek (fd, 0, SEEK_END) <= (off_t) MAX_FILE_SIZE) {
+      char first[1024] = "";
+      if (qcow2_bitmap_count (img) > 0) {
+        struct qcow2_bitmap_info info;
+        qcow2_bitmap_get_info (img, 0, &info);
+        snprintf (first, sizeof first, "%s", info.name);
+      }
+      if (qcow2_bitmap_add (img, "fuzz", 4096) == 0)
+        run_op (img, &script[0], qcow2_get_size (img), c);
+      if (*first) {
+        qcow2_bitmap_clear (img, first);
+        qcow2_bitmap_set_enabled (img, first, false);
+      }
+      qcow2_bitmap_remove (img, "fuzz");
+    }
     qcow2_check (img, false, &check);
     qcow2_close (img);
   }

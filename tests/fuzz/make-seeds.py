@@ -162,6 +162,22 @@ def main():
     qemu(out, "bitmaps-512.qcow2", "16k", ["write -P 0x11 0 512"],
          after=lambda p: sh("qemu-img", "bitmap", "--add", p, "b0"))
 
+    # Several bitmaps with data clusters (dirty bits QEMU stored), one
+    # disabled, one left in use, at 512 B and 4 KiB granularity.
+    def bitmaps(p):
+        sh("qemu-img", "bitmap", "--add", "-g", "512", p, "fine")
+        sh("qemu-img", "bitmap", "--add", "-g", "4096", p, "coarse")
+        sh("qemu-img", "bitmap", "--add", p, "stale")
+        sh("qemu-io", "-f", "qcow2", "-c", "write -P 0x21 1k 3k",
+           "-c", "write -z 12k 1k", p)
+        sh("qemu-img", "bitmap", "--disable", p, "coarse")
+        q = C.Qcow2(p)
+        e = [x for x in q.bitmap_entries() if x["name"] == b"stale"][0]
+        q.poke_be(e["at"] + 12, ">I", e["flags"] | 1)
+        q.save()
+    qemu(out, "bitmaps-data-512.qcow2", "16k", ["write -P 0x11 0 512"],
+         after=bitmaps)
+
     # Header extensions: feature names, unknown extension, backing file
     # name and format (refused: the fuzzer does not follow backing files).
     def exts(p):

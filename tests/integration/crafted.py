@@ -293,6 +293,42 @@ class Qcow2:
         self.poke_be(self.snapshots()[index]["at"] + off, fmt, value)
 
 
+    # ---- persistent bitmaps ----------------------------------------------
+
+    def bitmap_directory(self):
+        """(offset, size, nb) of the bitmap directory, from the extension."""
+        nb, _, size, offset = struct.unpack(">IIQQ", self.ext(EXT_BITMAPS))
+        return offset, size, nb
+
+    BITMAP_FIELDS = {
+        "table_offset": (0, ">Q"), "table_size": (8, ">I"),
+        "flags": (12, ">I"), "type": (16, ">B"),
+        "granularity_bits": (17, ">B"), "name_size": (18, ">H"),
+        "extra_data_size": (20, ">I"),
+    }
+
+    def bitmap_entries(self):
+        """[{field: value, "at": offset, "name": bytes}] of the directory."""
+        offset, size, _ = self.bitmap_directory()
+        out, pos = [], offset
+        while pos < offset + size:
+            e = {k: self.peek_be(pos + o, f)
+                 for k, (o, f) in self.BITMAP_FIELDS.items()}
+            e["at"] = pos
+            start = pos + 24 + e["extra_data_size"]
+            e["name"] = bytes(self.data[start:start + e["name_size"]])
+            out.append(e)
+            pos += (24 + e["extra_data_size"] + e["name_size"] + 7) & ~7
+        return out
+
+    def set_bitmap_field(self, index, field, value):
+        off, fmt = self.BITMAP_FIELDS[field]
+        self.poke_be(self.bitmap_entries()[index]["at"] + off, fmt, value)
+
+    def bitmap_table_entry_offset(self, index, i):
+        return self.bitmap_entries()[index]["table_offset"] + 8 * i
+
+
 def feature_name_entry(kind, bit, name):
     """One 48-byte entry of the feature name table extension."""
     raw = name.encode()[:46]

@@ -1231,3 +1231,179 @@ def test_random_metadata_mutations(bases, tmp_path, seed):
         else:
             q.data[off] = rnd.choice([0, 0xff, 0x7f, 0x80, rnd.randrange(256)])
     survives(q.save())
+
+
+# --------------------------------------------------------------------------
+# Hostile bitmap directories.  Reads do not need bitmaps, so the image is
+# served; but writing would either lose its bitmaps or free clusters on the
+# word of a directory we cannot trust, so writing is refused (the export
+# is read-only, or the first write fails) with one line saying why, and
+# the file is not changed at all.
+
+@pytest.fixture(scope="module")
+def bitmap_base(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bitmaps")
+    img = C.make_image(d / "base.qcow2", "4M", cluster_size=4096)
+    for name, g in (("b0", "4096"), ("b1", "512")):
+        C.run("qemu-img", "bitmap", "--add", "-g", g, img, name)
+    C.run("qemu-io", "-f", "qcow2", "-c", "write -P 9 0 64k", img)
+    return img
+
+
+def bitmap_image(bitmap_base, tmp_path, poke):
+    path = tmp_path / "a.qcow2"
+    shutil.copy(bitmap_base, path)
+    q = C.Qcow2(path)
+    poke(q)
+    return q.save()
+
+
+def set_bitmaps_ext(q, nb=None, size=None, offset=None):
+    """Change fields of the bitmaps extension."""
+    o, sz, n = q.bitmap_directory()
+    ext = C.bitmaps_ext(n if nb is None else nb, 0, sz if size is None
+                        else size, o if offset is None else offset)
+    q.set_extensions([(m, ext if m == C.EXT_BITMAPS else d)
+                      for m, d in q.extensions()])
+
+
+def first_data_table_entry(q, index):
+    """Offset of bitmap index's first table entry that has a data cluster."""
+    e = q.bitmap_entries()[index]
+    for i in range(e["table_size"]):
+        at = e["table_offset"] + 8 * i
+        if q.peek_be(at, ">Q") & C.OFFSET_MASK:
+            return at
+    raise AssertionError("no data cluster")
+
+
+BITMAP_DIRECTORY_REFUSALS = [
+    ("table-offset-unaligned",
+     lambda q: q.set_bitmap_field(0, "table_offset",
+                                  q.bitmap_entries()[0]["table_offset"] + 8),
+     "doesn't satisfy the constraints"),
+    ("table-offset-0", lambda q: q.set_bitmap_field(0, "table_offset", 0),
+     "doesn't satisfy the constraints"),
+    ("table-past-eof",
+     lambda q: q.set_bitmap_field(0, "table_offset", 1 << 40),
+     "lies past the end of the file"),
+    ("table-size-0", lambda q: q.set_bitmap_field(1, "table_size", 0),
+     "doesn't satisfy the constraints"),
+    ("table-size-absurd",
+     lambda q: q.set_bitmap_field(1, "table_size", 0xffffffff),
+     "doesn't satisfy the constraints"),
+    ("table-size-wrong", lambda q: q.set_bitmap_field(1, "table_size", 3),
+     "table has 3 entries, its size needs 1"),
+    ("granularity-8", lambda q: q.set_bitmap_field(0, "granularity_bits", 8),
+     "doesn't satisfy the constraints"),
+    ("granularity-32",
+     lambda q: q.set_bitmap_field(0, "granularity_bits", 32),
+     "doesn't satisfy the constraints"),
+    ("reserved-flag", lambda q: q.set_bitmap_field(0, "flags", 2 | 4),
+     "doesn't satisfy the constraints"),
+    ("type-2", lambda q: q.set_bitmap_field(0, "type", 2),
+     "doesn't satisfy the constraints"),
+    ("name-size-0", lambda q: q.set_bitmap_field(0, "name_size", 0),
+     "bitmap name size 0 is invalid"),
+    ("name-size-past-directory",
+     lambda q: q.set_bitmap_field(1, "name_size", 1000),
+     "bitmap directory is truncated"),
+    ("name-with-nul",
+     lambda q: q.poke(q.bitmap_entries()[0]["at"] + 24, b"\0"),
+     "a bitmap name contains a NUL byte"),
+    ("duplicate-names",
+     lambda q: q.poke(q.bitmap_entries()[1]["at"] + 24, b"b0"),
+     "two bitmaps are named 'b0'"),
+    ("extra-data", lambda q: q.set_bitmap_field(0, "extra_data_size", 8),
+     "bitmap extra data is not supported"),
+    ("more-entries-than-header", lambda q: set_bitmaps_ext(q, nb=1),
+     "More bitmaps found than specified in header extension"),
+    ("fewer-entries-than-header", lambda q: set_bitmaps_ext(q, nb=3),
+     "Less bitmaps found than specified in header extension"),
+    ("directory-past-eof", lambda q: set_bitmaps_ext(q, offset=1 << 40),
+     "is not inside the file"),
+    ("directory-size-absurd", lambda q: set_bitmaps_ext(q, size=60 << 20),
+     "is not inside the file"),
+    ("table-entry-reserved-bits",
+     lambda q: q.poke_be(first_data_table_entry(q, 0), ">Q",
+                         q.peek_be(first_data_table_entry(q, 0), ">Q") | 2),
+     "invalid table entry"),
+    ("table-entry-unaligned",
+     lambda q: q.poke_be(first_data_table_entry(q, 1), ">Q",
+                         q.peek_be(first_data_table_entry(q, 1), ">Q")
+                         + 0x200),
+     "invalid table entry"),
+    ("table-entry-past-eof",
+     lambda q: q.poke_be(first_data_table_entry(q, 1), ">Q", 1 << 40),
+     "invalid table entry"),
+]
+
+
+def assert_not_written(path, before, srv, expect, readonly_export):
+    h = srv.connect()
+    assert h.is_read_only() == readonly_export
+    assert h.pread(4096, 0) == b"\x09" * 4096
+    if not readonly_export:
+        with pytest.raises(nbd.Error):
+            h.pwrite(b"w" * 512, 1 << 20)
+    h.shutdown()
+    assert expect in srv.stderr, srv.stderr
+    with open(path, "rb") as f:
+        assert f.read() == before, "the image was changed"
+
+
+@pytest.mark.parametrize("name,poke,expect", BITMAP_DIRECTORY_REFUSALS,
+                         ids=[r[0] for r in BITMAP_DIRECTORY_REFUSALS])
+def test_bitmap_directory_refused(bitmap_base, tmp_path, name, poke, expect):
+    path = bitmap_image(bitmap_base, tmp_path, poke)
+    before = open(path, "rb").read()
+    with conftest.serve(path) as srv:
+        assert_not_written(path, before, srv, expect, True)
+        assert "serving the image read-only" in srv.stderr
+
+
+def share_table(q):
+    """Bitmap 1 uses bitmap 0's table (same size with equal granularity)."""
+    q.set_bitmap_field(1, "granularity_bits", 12)
+    q.set_bitmap_field(1, "table_offset", q.bitmap_entries()[0]["table_offset"])
+
+
+def point_at_new_cluster(q):
+    """A data cluster appended to the file, which no refcount counts."""
+    end = (len(q.data) + q.cluster_size - 1) // q.cluster_size * \
+        q.cluster_size
+    q.poke(end, b"\xff" * q.cluster_size)
+    q.poke_be(first_data_table_entry(q, 0), ">Q", end)
+
+
+BITMAP_CLUSTER_REFUSALS = [
+    ("table-on-reftable", lambda q: q.set_bitmap_field(
+        1, "table_offset", q.get("refcount_table_offset")),
+     "also other metadata"),
+    ("table-on-l1", lambda q: q.set_bitmap_field(
+        0, "table_offset", q.get("l1_table_offset")),
+     "invalid table entry"),     # L1 entries carry flags: never a table
+    ("table-on-header",
+     lambda q: q.set_bitmap_field(0, "table_offset", 0),
+     "doesn't satisfy the constraints"),
+    ("data-on-l2",
+     lambda q: q.poke_be(first_data_table_entry(q, 0), ">Q",
+                         q.l1_entry(0) & C.OFFSET_MASK),
+     "also other metadata"),
+    ("data-uncounted", point_at_new_cluster, "not counted exactly once"),
+    ("two-bitmaps-one-table", share_table, "used twice"),
+]
+
+
+@pytest.mark.parametrize("name,poke,expect", BITMAP_CLUSTER_REFUSALS,
+                         ids=[r[0] for r in BITMAP_CLUSTER_REFUSALS])
+def test_bitmap_clusters_refused(bitmap_base, tmp_path, name, poke, expect):
+    """Overlaps show only against refcounts and metadata, when writing is
+    enabled: the first write fails, nothing is written, nothing is marked
+    corrupt."""
+    path = bitmap_image(bitmap_base, tmp_path, poke)
+    before = open(path, "rb").read()
+    readonly_export = expect in ("doesn't satisfy the constraints",
+                                 "invalid table entry")
+    with conftest.serve(path) as srv:
+        assert_not_written(path, before, srv, expect, readonly_export)

@@ -148,7 +148,10 @@ def test_corrupt_image_is_served_read_only(tmp_path):
 
 
 @pytest.mark.parametrize("nbitmaps", [1, 3])
-def test_bitmaps_released_cleanly_on_write(tmp_path, nbitmaps):
+def test_bitmaps_kept_on_write(tmp_path, nbitmaps):
+    """Bitmaps are maintained, not released: after our write they are
+    still there, consistent, and the image is clean (test_bitmaps.py
+    checks what they record)."""
     img = tmp_path / "b.qcow2"
     qemu_img("create", "-f", "qcow2", img, "64M")
     for i in range(nbitmaps):
@@ -158,7 +161,10 @@ def test_bitmaps_released_cleanly_on_write(tmp_path, nbitmaps):
     assert r.returncode == 0, r.stderr
     check_clean(img)
     info = json.loads(qemu_img("info", "--output=json", img).stdout)
-    assert "bitmaps" not in info.get("format-specific", {}).get("data", {})
+    bitmaps = info["format-specific"]["data"]["bitmaps"]
+    assert sorted(b["name"] for b in bitmaps) == \
+        ["bm%d" % i for i in range(nbitmaps)]
+    assert all(b["flags"] == ["auto"] for b in bitmaps), bitmaps
     with serve(img) as srv:
         h = srv.connect()
         assert h.pread(4096, 8 << 20) == b"z" * 4096

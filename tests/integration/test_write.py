@@ -395,7 +395,9 @@ def test_external_data_file(tmp_path, raw_data):
 
 def test_persistent_bitmaps(tmp_path):
     """Persistent bitmaps (with data clusters: QEMU wrote dirty bits into
-    them) are released before the first write, leaving a clean image."""
+    them) are kept up to date through a long random workload, leaving a
+    clean image and consistent bitmaps (test_bitmaps.py checks their
+    contents)."""
     img = create(tmp_path / "a.qcow2", 16 * M, "cluster_size=4096")
     qemu_img("bitmap", "--add", img, "b0")
     qemu_img("bitmap", "--add", "--granularity", "512", img, "b1")
@@ -407,9 +409,9 @@ def test_persistent_bitmaps(tmp_path):
     p = qemu_img("check", img, check=False)
     assert p.returncode == 0, p.stdout + p.stderr
     info = json.loads(qemu_img("info", "--output=json", img).stdout)
-    # Whatever is left of the bitmaps, QEMU must not believe them.
-    for b in info["format-specific"]["data"].get("bitmaps", []):
-        assert "in-use" in b["flags"] or "inconsistent" in b["flags"], b
+    bitmaps = info["format-specific"]["data"]["bitmaps"]
+    assert [(b["name"], b["flags"]) for b in bitmaps] == \
+        [("b0", ["auto"]), ("b1", ["auto"])], bitmaps
 
 
 # --------------------------------------------------------------------------
