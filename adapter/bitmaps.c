@@ -24,6 +24,7 @@
 #include <string.h>
 
 #include "bitmaps.h"
+#include "oplist.h"
 #include "qcow2.h"
 
 enum op_kind { OP_ADD, OP_REMOVE, OP_CLEAR, OP_DISABLE, OP_ENABLE };
@@ -39,20 +40,13 @@ static const struct {
   [OP_ENABLE] = { "bitmap-enable", "enabled" },
 };
 
-struct op {
-  enum op_kind kind;
-  char *name;
-  uint32_t granularity;   /* OP_ADD; 0: the engine's default */
-};
-
-static struct op *ops;
-static size_t nr_ops;
+/* ops.ops[i].arg: OP_ADD's granularity; 0: the engine's default. */
+static struct oplist ops;
 static uint32_t granularity;   /* the last bitmap-granularity= */
 
 int
 bitmaps_config (const char *key, const char *value)
 {
-  struct op *p;
   int kind = -1;
 
   if (strcmp (key, "bitmap-granularity") == 0) {
@@ -72,25 +66,7 @@ bitmaps_config (const char *key, const char *value)
       kind = (int) i;
   if (kind < 0)
     return 1;
-  if (*value == '\0') {
-    nbdkit_error ("%s: the bitmap name must not be empty", key);
-    return -1;
-  }
-  p = realloc (ops, (nr_ops + 1) * sizeof *ops);
-  if (!p) {
-    nbdkit_error ("realloc: %m");
-    return -1;
-  }
-  ops = p;
-  ops[nr_ops].kind = (enum op_kind) kind;
-  ops[nr_ops].granularity = granularity;
-  ops[nr_ops].name = strdup (value);
-  if (!ops[nr_ops].name) {
-    nbdkit_error ("strdup: %m");
-    return -1;
-  }
-  nr_ops++;
-  return 0;
+  return oplist_append (&ops, key, "bitmap", kind, value, granularity);
 }
 
 int
@@ -101,17 +77,17 @@ bitmaps_run (struct qcow2_image *image)
   if (broken)
     fprintf (stderr, "nbdkit-qcow2: warning: %s: serving the image "
              "read-only, as writing would lose its bitmaps\n", broken);
-  if (nr_ops == 0)
+  if (ops.n == 0)
     return 0;
   if (qcow2_enable_write (image) < 0)
     return -1;
-  for (size_t i = 0; i < nr_ops; i++) {
-    const char *name = ops[i].name;
+  for (size_t i = 0; i < ops.n; i++) {
+    const char *name = ops.ops[i].name;
     int r;
 
-    switch (ops[i].kind) {
+    switch (ops.ops[i].kind) {
     case OP_ADD:
-      r = qcow2_bitmap_add (image, name, ops[i].granularity);
+      r = qcow2_bitmap_add (image, name, (uint32_t) ops.ops[i].arg);
       break;
     case OP_REMOVE:
       r = qcow2_bitmap_remove (image, name);
@@ -120,12 +96,12 @@ bitmaps_run (struct qcow2_image *image)
       r = qcow2_bitmap_clear (image, name);
       break;
     default:
-      r = qcow2_bitmap_set_enabled (image, name, ops[i].kind == OP_ENABLE);
+      r = qcow2_bitmap_set_enabled (image, name, ops.ops[i].kind == OP_ENABLE);
       break;
     }
     if (r < 0)
       return -1;    /* the engine said why */
-    nbdkit_debug ("bitmap %s: %s", name, kinds[ops[i].kind].done);
+    nbdkit_debug ("bitmap %s: %s", name, kinds[ops.ops[i].kind].done);
   }
   return 0;
 }
@@ -133,11 +109,7 @@ bitmaps_run (struct qcow2_image *image)
 void
 bitmaps_unload (void)
 {
-  for (size_t i = 0; i < nr_ops; i++)
-    free (ops[i].name);
-  free (ops);
-  ops = NULL;
-  nr_ops = 0;
+  oplist_free (&ops);
   granularity = 0;
 }
 

@@ -14,24 +14,18 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "oplist.h"
 #include "qcow2.h"
 #include "snapshots.h"
 
 enum op_kind { OP_CREATE, OP_DELETE, OP_APPLY };
 
-struct op {
-  enum op_kind kind;
-  char *name;
-};
-
-static struct op *ops;
-static size_t nr_ops;
+static struct oplist ops;
 
 int
 snapshots_config (const char *key, const char *value)
 {
   enum op_kind kind;
-  struct op *p;
 
   if (strcmp (key, "snapshot-create") == 0)
     kind = OP_CREATE;
@@ -41,38 +35,21 @@ snapshots_config (const char *key, const char *value)
     kind = OP_APPLY;
   else
     return 1;
-  if (*value == '\0') {
-    nbdkit_error ("%s: the snapshot name must not be empty", key);
-    return -1;
-  }
-  p = realloc (ops, (nr_ops + 1) * sizeof *ops);
-  if (!p) {
-    nbdkit_error ("realloc: %m");
-    return -1;
-  }
-  ops = p;
-  ops[nr_ops].kind = kind;
-  ops[nr_ops].name = strdup (value);
-  if (!ops[nr_ops].name) {
-    nbdkit_error ("strdup: %m");
-    return -1;
-  }
-  nr_ops++;
-  return 0;
+  return oplist_append (&ops, key, "snapshot", kind, value, 0);
 }
 
 int
 snapshots_run (struct qcow2_image *image)
 {
-  if (nr_ops == 0)
+  if (ops.n == 0)
     return 0;
   if (qcow2_enable_write (image) < 0)
     return -1;
-  for (size_t i = 0; i < nr_ops; i++) {
-    const char *name = ops[i].name;
+  for (size_t i = 0; i < ops.n; i++) {
+    const char *name = ops.ops[i].name;
     int r;
 
-    switch (ops[i].kind) {
+    switch (ops.ops[i].kind) {
     case OP_CREATE:
       r = qcow2_snapshot_create (image, name);
       break;
@@ -86,8 +63,8 @@ snapshots_run (struct qcow2_image *image)
     if (r < 0)
       return -1;    /* the engine said why */
     nbdkit_debug ("snapshot %s: %s done", name,
-                  ops[i].kind == OP_CREATE ? "create"
-                  : ops[i].kind == OP_DELETE ? "delete" : "apply");
+                  ops.ops[i].kind == OP_CREATE ? "create"
+                  : ops.ops[i].kind == OP_DELETE ? "delete" : "apply");
   }
   return 0;
 }
@@ -95,9 +72,5 @@ snapshots_run (struct qcow2_image *image)
 void
 snapshots_unload (void)
 {
-  for (size_t i = 0; i < nr_ops; i++)
-    free (ops[i].name);
-  free (ops);
-  ops = NULL;
-  nr_ops = 0;
+  oplist_free (&ops);
 }

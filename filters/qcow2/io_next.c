@@ -55,10 +55,13 @@ inside (const struct next_io *n, size_t len, uint64_t offset)
   return offset <= n->size && len <= n->size - offset;
 }
 
+/* Read into buf, or write from it, [offset, offset + len) in requests of
+ * at most MAX_REQUEST bytes.
+ */
 static int
-next_pread (struct qcow2_io *io, void *buf, size_t len, uint64_t offset)
+transfer (struct next_io *n, bool write, void *buf, size_t len,
+          uint64_t offset)
 {
-  struct next_io *n = (struct next_io *) io;
   char *p = buf;
   int err = 0;
 
@@ -67,7 +70,9 @@ next_pread (struct qcow2_io *io, void *buf, size_t len, uint64_t offset)
   enter (n);
   while (len > 0) {
     uint32_t count = len > MAX_REQUEST ? MAX_REQUEST : (uint32_t) len;
-    if (n->next->pread (n->next, p, count, offset, 0, &err) == -1)
+    int r = write ? n->next->pwrite (n->next, p, count, offset, 0, &err)
+                  : n->next->pread (n->next, p, count, offset, 0, &err);
+    if (r == -1)
       break;
     p += count;
     offset += count;
@@ -78,28 +83,21 @@ next_pread (struct qcow2_io *io, void *buf, size_t len, uint64_t offset)
 }
 
 static int
+next_pread (struct qcow2_io *io, void *buf, size_t len, uint64_t offset)
+{
+  return transfer ((struct next_io *) io, false, buf, len, offset);
+}
+
+static int
 next_pwrite (struct qcow2_io *io, const void *buf, size_t len,
              uint64_t offset)
 {
   struct next_io *n = (struct next_io *) io;
-  const char *p = buf;
-  int err = 0;
 
   if (!n->can_write)
     return -EROFS;
-  if (!inside (n, len, offset))
-    return -EIO;
-  enter (n);
-  while (len > 0) {
-    uint32_t count = len > MAX_REQUEST ? MAX_REQUEST : (uint32_t) len;
-    if (n->next->pwrite (n->next, p, count, offset, 0, &err) == -1)
-      break;
-    p += count;
-    offset += count;
-    len -= count;
-  }
-  leave (n);
-  return len == 0 ? 0 : -(err ? err : EIO);
+  /* transfer only reads from buf when writing. */
+  return transfer (n, true, (void *) buf, len, offset);
 }
 
 /* A layer that cannot flush (memory, or a plugin without .flush) has no

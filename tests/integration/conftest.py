@@ -207,14 +207,21 @@ def lower_server(image, layer, readonly, room=True):
             time.sleep(0.02)
         yield sock, p
     finally:
-        p.terminate()
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        stop(p)
         p.stderr.close()
         shutil.rmtree(d, ignore_errors=True)
+
+
+def stop(p, timeout=10):
+    """Stop a server process: SIGTERM, SIGKILL after timeout seconds.
+    Returns its exit status."""
+    p.terminate()
+    try:
+        p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+    return p.returncode
 
 
 @contextlib.contextmanager
@@ -243,14 +250,19 @@ def serve(image, *params, plugin=None, readonly=False, filters=(), below=(),
 
 
 @contextlib.contextmanager
-def nbdkit_server(args, readonly=False):
-    """nbdkit with args on a private Unix socket, in the foreground."""
+def nbdkit_server(args, readonly=False, tcp_port=None):
+    """nbdkit with args in the foreground, on a private Unix socket, or
+    with tcp_port on that port of 127.0.0.1 (the Server's .uri says
+    which); the Server's .process is its process, stopped on exit."""
     d = tempfile.mkdtemp(prefix="qcow2-serve-")
     sock = os.path.join(d, "sock")
     pidfile = os.path.join(d, "pid")
     errlog = open(os.path.join(d, "stderr"), "w+")
-    cmd = ["nbdkit", *(["-r"] if readonly else []), "-f", "-U", sock,
-           "-P", pidfile, "-D", "nbdkit.backend.datapath=0", *args]
+    listen = (["-i", "127.0.0.1", "-p", str(tcp_port)] if tcp_port
+              else ["-U", sock])
+    cmd = ["nbdkit", *(["-r"] if readonly else []), "-f", *listen,
+           "-P", pidfile, "-D", "nbdkit.backend.datapath=0",
+           *[str(a) for a in args]]
     p = subprocess.Popen(cmd, stderr=errlog, env=nbdkit_env())
     try:
         deadline = time.monotonic() + 60
@@ -261,14 +273,10 @@ def nbdkit_server(args, readonly=False):
             if time.monotonic() > deadline:
                 raise RuntimeError("nbdkit did not start")
             time.sleep(0.02)
-        yield Server("nbd+unix:///?socket=" + sock, sock, errlog, p)
+        yield Server("nbd://127.0.0.1:%d" % tcp_port if tcp_port
+                     else "nbd+unix:///?socket=" + sock, sock, errlog, p)
     finally:
-        p.terminate()
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        stop(p)
         errlog.close()
         shutil.rmtree(d, ignore_errors=True)
 

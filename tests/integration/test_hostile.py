@@ -24,8 +24,6 @@ import os
 import random
 import shutil
 import struct
-import subprocess
-import tempfile
 import time
 
 import nbd
@@ -33,8 +31,7 @@ import pytest
 
 import crafted as C
 import conftest
-from conftest import (PLUGIN, Server, nbdkit_env, qemu_img, qemu_raw,
-                      start_fails)
+from conftest import PLUGIN, nbdkit_server, qemu_img, qemu_raw, start_fails
 
 MiB = 1 << 20
 TIMEOUT = 30
@@ -53,37 +50,14 @@ def serve(image, *params):
     """conftest.serve, read-only (nbdkit -r): these tests are about reading
     hostile images, and a read-write connection would make the plugin
     enable writing, which refuses corrupt or dirty images and would change
-    the file under test.
+    the file under test.  The server must not die of a signal other than
+    our SIGTERM.
     """
-    d = tempfile.mkdtemp(prefix="qcow2-hostile-")
-    sock = os.path.join(d, "sock")
-    pidfile = os.path.join(d, "pid")
-    errlog = open(os.path.join(d, "stderr"), "w+")
-    p = subprocess.Popen(["nbdkit", "-f", "-r", "-U", sock, "-P", pidfile,
-                          PLUGIN, "file=" + str(image), *params],
-                         stderr=errlog, env=nbdkit_env())
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while not os.path.exists(pidfile):
-            if p.poll() is not None:
-                errlog.seek(0)
-                raise RuntimeError("nbdkit exited %d: %s" %
-                                   (p.returncode, errlog.read()))
-            if time.monotonic() > deadline:
-                raise RuntimeError("nbdkit did not start")
-            time.sleep(0.02)
-        yield Server("nbd+unix:///?socket=" + sock, sock, errlog)
-    finally:
-        p.terminate()
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-        errlog.close()
-        assert p.returncode is not None and p.returncode >= -15, \
-            "nbdkit died of signal %d" % -p.returncode
-        shutil.rmtree(d)
+    with nbdkit_server([PLUGIN, "file=" + str(image), *params],
+                       readonly=True) as srv:
+        yield srv
+    rc = srv.process.returncode
+    assert rc is not None and rc >= -15, "nbdkit died of signal %d" % -rc
 
 
 # --------------------------------------------------------------------------

@@ -18,7 +18,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 
 import pytest
 
@@ -119,30 +118,8 @@ def serve_tcp(image, *params, readonly=False):
     For clients that take NBD only over TCP (virt-v2v's libvirt XML input).
     nbdkit is stopped by its PID on exit.
     """
-    d = tempfile.mkdtemp(prefix="qcow2-serve-tcp-")
-    pidfile = os.path.join(d, "pid")
-    errlog = open(os.path.join(d, "stderr"), "w+")
-    port = free_tcp_port()
-    cmd = ["nbdkit", *(["-r"] if readonly else []), "-f",
-           "-i", "127.0.0.1", "-p", str(port), "-P", pidfile,
-           PLUGIN, "file=" + str(image), *[str(p) for p in params]]
-    p = subprocess.Popen(cmd, stderr=errlog, env=nbdkit_env())
-    try:
-        deadline = time.monotonic() + 60
-        while not os.path.exists(pidfile):
-            if p.poll() is not None:
-                errlog.seek(0)
-                raise RuntimeError("nbdkit exited %d: %s" % (p.returncode, errlog.read()))
-            if time.monotonic() > deadline:
-                raise RuntimeError("nbdkit did not start")
-            time.sleep(0.02)
-        yield port
-    finally:
-        p.terminate()
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-        errlog.close()
-        shutil.rmtree(d, ignore_errors=True)
+    with helpers.nbdkit_server([PLUGIN, "file=" + str(image), *params],
+                               readonly, tcp_port=free_tcp_port()) as srv:
+        yield int(srv.uri.rsplit(":", 1)[1])
+
+
