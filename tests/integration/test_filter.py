@@ -15,7 +15,6 @@ import random
 import signal
 import subprocess
 import threading
-import time
 
 import nbd
 import pytest
@@ -24,8 +23,8 @@ from conftest import (FILTER, _use_layer, engine_args, lower_server,
                       nbdkit_env, nbdkit_server, qemu_img, qemu_raw, run,
                       serve)
 from images import create, write
-from mirror import (Src, assert_same, drive, drive_and_finish, finish,
-                    make_image,
+from mirror import (Driver, Geometry, Src, assert_same, connect_meta, drive,
+                    drive_and_finish, finish, initial_mirror, make_image,
                     qemu_check, qemu_raw_bytes)
 
 K = 1024
@@ -62,6 +61,25 @@ def assert_no_corruption(img):
 def test_random_ops_over_nbd(tmp_path, name, size, opts, seed):
     img = make_image(tmp_path / "a.qcow2", size, *opts)
     drive_and_finish(img, tmp_path, seed, 250)
+
+
+@filter_layer("filter-memory")
+def test_random_ops_in_memory(tmp_path, filter_layer_name):
+    """The write mirror through the filter over nbdkit's data plugin (the
+    image copied into memory, a sparse array as the memory plugin's): the
+    reads during the run and a whole read at its end follow the mirror.
+    QEMU cannot look into that memory afterwards: its check of the same
+    runs is the file and nbd layers' part."""
+    img = make_image(tmp_path / "a.qcow2", 16 * M, "cluster_size=4096")
+    mirror = initial_mirror(Src(img), tmp_path)
+    with serve(img) as srv:
+        hs = [connect_meta(srv.uri) for _ in range(2)]
+        d = Driver(hs, Geometry(img), mirror, 231)
+        d.run(300)
+        assert_same(hs[0].pread(len(mirror), 0), bytes(mirror),
+                    "whole read")
+        for h in hs:
+            h.shutdown()
 
 
 # --------------------------------------------------------------------------
