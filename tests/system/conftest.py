@@ -11,9 +11,7 @@ QCOW2_NBDKIT_ENV variables), re-exported here: test modules write
 top-level module "conftest", so the integration one is loaded from its
 path under another name rather than imported.
 
-Environment (besides the integration suite's):
-  QCOW2_COMPRESS_FILTER  path of nbdkit-qcow2-compress-filter.so
-                         (default: next to the plugin in the build tree)
+Environment: the integration suite's.
 """
 
 import importlib.util
@@ -39,7 +37,9 @@ integration = _load("integration_conftest", os.path.join(INTEGRATION, "conftest.
 PLUGIN = integration.PLUGIN
 ROOT = integration.ROOT
 Server = integration.Server
+COMPRESS_FILTER = integration.COMPRESS_FILTER
 assert_same_as_raw = integration.assert_same_as_raw
+engine_args = integration.engine_args
 extents = integration.extents
 nbdkit_env = integration.nbdkit_env
 qemu_img = integration.qemu_img
@@ -51,12 +51,6 @@ serve = integration.serve
 # The integration suite's image builders (images.py) import the names
 # above from "conftest", which is this module here.
 sys.path.append(INTEGRATION)
-
-COMPRESS_FILTER = os.environ.get(
-    "QCOW2_COMPRESS_FILTER",
-    os.path.join(os.path.dirname(os.path.dirname(PLUGIN)), "filters",
-                 "compress", "nbdkit-qcow2-compress-filter.so"))
-
 
 @pytest.fixture(scope="session")
 def guest():
