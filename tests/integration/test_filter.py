@@ -19,7 +19,7 @@ import threading
 import nbd
 import pytest
 
-from conftest import (FILTER, _use_layer, engine_args, lower_server,
+from conftest import (FILTER, engine_args, lower_server,
                       nbdkit_env, nbdkit_server, qemu_img, qemu_raw, run,
                       serve)
 from images import create, write
@@ -32,14 +32,8 @@ M = 1024 * K
 
 
 def filter_layer(name):
-    """Run a test in one layer (conftest.py), whatever else is selected."""
-    return pytest.mark.parametrize("filter_layer_name", [name],
-                                   indirect=True, ids=[name])
-
-
-@pytest.fixture
-def filter_layer_name(request):
-    yield from _use_layer(request)
+    """Run a test in one layer (conftest.py's `layer` fixture)."""
+    return pytest.mark.parametrize("layer", [name], indirect=True, ids=[name])
 
 
 def assert_no_corruption(img):
@@ -64,7 +58,7 @@ def test_random_ops_over_nbd(tmp_path, name, size, opts, seed):
 
 
 @filter_layer("filter-memory")
-def test_random_ops_in_memory(tmp_path, filter_layer_name):
+def test_random_ops_in_memory(tmp_path, layer):
     """The write mirror through the filter over nbdkit's data plugin (the
     image copied into memory, a sparse array as the memory plugin's): the
     reads during the run and a whole read at its end follow the mirror.
@@ -178,7 +172,7 @@ def faulty_image(tmp_path, opts=("cluster_size=4096",)):
     ("5%", 203, ("cluster_size=512", "refcount_bits=2")),
     ("5%", 204, ("extended_l2=on",)),
 ], ids=["2%-4k", "10%-4k", "5%-512-rb2", "5%-extl2"])
-def test_error_filter_below(tmp_path, filter_layer_name, rate, seed, opts):
+def test_error_filter_below(tmp_path, layer, rate, seed, opts):
     """nbdkit's error filter under ours fails reads, writes, trims and
     flushes with EIO at random: every request succeeds or fails with
     EIO, the server lives, and after a restart without it the image has
@@ -204,7 +198,7 @@ def test_error_filter_below(tmp_path, filter_layer_name, rate, seed, opts):
 
 
 @filter_layer("filter-file")
-def test_delay_filter_below(tmp_path, filter_layer_name):
+def test_delay_filter_below(tmp_path, layer):
     """Slow storage below (nbdkit's delay filter): the write mirror with
     its concurrent batches, then QEMU's check and bytes.  The client
     flushes before it leaves: the delay filter fails every request once
@@ -219,7 +213,7 @@ def test_delay_filter_below(tmp_path, filter_layer_name):
 
 
 @filter_layer("filter-nbd")
-def test_lower_server_killed(tmp_path, filter_layer_name):
+def test_lower_server_killed(tmp_path, layer):
     """The server below vanishes mid-write (SIGKILL of the lower nbdkit):
     requests fail with an errno, ours keeps running and stops cleanly,
     and the file has no corruption and keeps what was flushed."""
@@ -287,7 +281,7 @@ def assert_known_bytes(data, state):
 
 
 @filter_layer("filter-file")
-def test_container_full(tmp_path, filter_layer_name):
+def test_container_full(tmp_path, layer):
     """A 64 MiB container, a 256 MiB disk and 256 MiB of random writes:
     ENOSPC, the image stays clean and keeps every acknowledged write,
     and writing resumes once the container is enlarged."""
@@ -428,7 +422,7 @@ def test_plugin_keys_refused(tmp_path, key):
 
 
 @filter_layer("filter-nbd")
-def test_read_only_layer_below(tmp_path, filter_layer_name):
+def test_read_only_layer_below(tmp_path, layer):
     """A layer below that cannot be written (here an nbd server with -r)
     gives a read-only export; the image is not changed."""
     img = make_image(tmp_path / "a.qcow2", 8 * M, "cluster_size=4096")
