@@ -157,7 +157,7 @@ open_crypt (struct qcow2_image *img, const char *passphrase)
   else
     r = qcow2_crypt_open_luks (img->io, img->h.crypto_offset,
                                img->h.crypto_length, passphrase, &img->crypt);
-  return r;   /* crypt.c said why, in one line */
+  return r;   /* core/crypto said why, in one line */
 }
 
 /* The data file named by the image is a file the image makes us open, like

@@ -3,7 +3,7 @@
  * SPDX-License-Identifier: BSD-3-Clause (see LICENSE)
  */
 
-/* Unit test of core/crypt.c.
+/* Unit test of core/crypto/ (the cipher engine, legacy AES and LUKS unlock).
  *
  *   test_crypt [FIXTURE_DIR]
  *

@@ -8,6 +8,12 @@
  *
  * A struct qcow2_crypt is immutable once created and safe to use from many
  * threads at once.
+ *
+ * The pieces behind this interface, one concern per file, as QEMU splits
+ * its crypto/: cipher.c (the per-sector cipher engine, IV generators),
+ * qcow_aes.c (legacy AES keys), luks.c (LUKS unlock), luks_create.c (LUKS
+ * create), luks_spec.c (LUKS header names), afsplit.c (the anti-forensic
+ * splitter); cipher.h and luks.h are private to this folder.
  */
 #ifndef QCOW2_CRYPT_H
 #define QCOW2_CRYPT_H
