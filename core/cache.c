@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "cache.h"
+#include "debug.h"
 #include "io.h"
 
 enum slice_state { SLICE_LOADING, SLICE_READY, SLICE_FAILED };
@@ -173,6 +174,7 @@ take_free_slice (struct qcow2_cache *c, struct shard *s)
   if (s->count >= s->capacity) {
     for (struct slice *e = s->lru.lru_prev; e != &s->lru; e = e->lru_prev) {
       if (e->pins == 0 && !e->dirty) {
+        QCOW2_DEBUG (cache, "evict the slice at 0x%" PRIx64, e->pub.offset);
         unhash (c, s, e);
         return e;
       }
@@ -412,6 +414,8 @@ qcow2_cache_writeback (struct qcow2_cache *c)
                                 e->pub.offset);
       pthread_mutex_lock (&s->lock);
       if (r == 0 && e->dirty) {
+        QCOW2_DEBUG (metadata, "wrote back %zu bytes at 0x%" PRIx64,
+                     c->slice_size, e->pub.offset);
         e->dirty = false;
         s->dirty--;
       }

@@ -22,6 +22,7 @@
 #include <string.h>
 
 #include "cache.h"
+#include "debug.h"
 #include "internal.h"
 #include "io.h"
 #include "util.h"
@@ -31,6 +32,7 @@ sync_io (struct qcow2_image *img)
 {
   int r = 0;
 
+  QCOW2_DEBUG (metadata, "%s: sync", img->filename);
   if (img->data_io != img->io)
     r = qcow2_io_flush (img->data_io);
   if (r == 0)

@@ -305,6 +305,10 @@ int qcow2_view_extents (struct qcow2_view *view, uint64_t offset,
  */
 typedef void (*qcow2_error_fn) (void *opaque, const char *message);
 void qcow2_set_error_handler (qcow2_error_fn fn, void *opaque);
+/* Debug messages (the -D qcow2.FLAG flags of debug.h) go to a handler of
+ * the same type; the default writes to stderr.
+ */
+void qcow2_set_debug_handler (qcow2_error_fn fn, void *opaque);
 
 /* Compiled-in features, for --dump-plugin. */
 bool qcow2_have_zstd (void);

@@ -34,6 +34,7 @@
 #include <string.h>
 
 #include "cache.h"
+#include "debug.h"
 #include "internal.h"
 #include "io.h"
 #include "util.h"
@@ -572,6 +573,8 @@ qcow2_alloc_clusters (struct qcow2_image *img, uint64_t n,
     if (r < 0)
       return r;
     *offset_out = run_start << img->cluster_bits;
+    QCOW2_DEBUG (alloc, "%s: %" PRIu64 " clusters at 0x%" PRIx64,
+                 img->filename, n, *offset_out);
     return qcow2_overlap_check (img, *offset_out, n << img->cluster_bits,
                                 QCOW2_META_NONE) < 0 ? -EIO : 0;
   }
@@ -620,6 +623,8 @@ qcow2_alloc_clusters (struct qcow2_image *img, uint64_t n,
   }
   w->free_hint = run_start + n;
   *offset_out = run_start << img->cluster_bits;
+  QCOW2_DEBUG (alloc, "%s: %" PRIu64 " clusters at 0x%" PRIx64,
+               img->filename, n, *offset_out);
   grow_file_size (img, (run_start + n) << img->cluster_bits);
   return 0;
 }

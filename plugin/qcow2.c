@@ -34,10 +34,19 @@ report_error (void *opaque, const char *message)
   nbdkit_error ("%s", message);
 }
 
+/* -D qcow2.FLAG=1 messages (core/debug.h); shown with -v. */
+static void
+report_debug (void *opaque, const char *message)
+{
+  (void) opaque;
+  nbdkit_debug ("%s", message);
+}
+
 static void
 qcow2_plugin_load (void)
 {
   qcow2_set_error_handler (report_error, NULL);
+  qcow2_set_debug_handler (report_debug, NULL);
 }
 
 static void
