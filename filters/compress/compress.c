@@ -2,8 +2,9 @@
  * data as compressed clusters, as qemu-img convert -c does.
  *
  * nbdkit has no "write compressed" flag, so the filter opens the plugin's
- * reserved export "qcow2:compressed", where the plugin writes every whole
- * cluster of a request compressed and anything else normally.  The
+ * reserved export COMPRESSED_EXPORT, where the plugin writes every whole
+ * cluster of a request compressed and anything else normally (the
+ * contract, name and check, is adapter/compressed-export.h).  The
  * filter's job is to make writes whole-cluster.  Its unit is the plugin's
  * preferred block size: the cluster size, or 4 KiB when clusters are
  * smaller (a unit is then several whole clusters).
@@ -21,30 +22,33 @@
  * read-modify-write per piece would compress a cluster once per piece,
  * and each dead compressed version would pin a share of a host cluster.)
  *
- * Locking: a request holds the units it touches, a range lock: units it
- * covers whole shared, units it covers partly exclusive, as it may
- * complete and rewrite them.  A rewrite holds its unit exclusive, so that
+ * Locking: a request holds the units it touches in the engine's range
+ * lock (core/rangelock.h, over unit numbers): shared when it covers them
+ * all whole, exclusive when it covers an end unit partly, as it may
+ * complete and rewrite it.  A rewrite holds its unit exclusive, so that
  * no write to the unit can land between its read and its write (and be
- * undone by it).  A request takes all its units at once, and waits
- * holding none, so requests cannot deadlock.  Everything else runs in
- * parallel (no .thread_model callback), and so does the compression in
- * the plugin, on nbdkit's worker threads.
+ * undone by it).  A request takes all its units in one call, so requests
+ * cannot deadlock.  Everything else runs in parallel (no .thread_model
+ * callback), and so does the compression in the plugin, on nbdkit's
+ * worker threads.
  */
 #include <nbdkit-filter.h>
 
 #include <errno.h>
 #include <inttypes.h>
 #include <pthread.h>
+#include <search.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "compressed-export.h"
+#include "rangelock.h"
+#include "util.h"
 
 #define MAX_TRACKED 4096        /* partly written units remembered */
 #define MAX_INTERVALS 8         /* written pieces remembered per unit */
-#define BUCKET_BITS 12
 
 /* Per connection, from the plugin below. */
 struct handle {
@@ -62,53 +66,49 @@ struct interval {
 
 struct tracked {
   uint64_t unit;
-  struct tracked *hnext;        /* hash chain */
   struct tracked *older, *newer;  /* age list */
   unsigned nr;
   struct interval iv[MAX_INTERVALS];  /* sorted, disjoint, not touching */
 };
 
-/* Units held by a request (see "Unit locks"). */
-struct hold {
-  uint64_t first, last;
-  bool exclusive;
-  struct hold *next;
-};
-
 /* All protected by track_lock, which is never held across I/O.  Shared by
  * every connection: they all serve the same image, and a flush on any of
  * them must cover every write (the plugin advertises multi-conn).
+ *
+ * The units are found by number in a search tree (POSIX tsearch): the
+ * engine's only hash table is its metadata cache's, built around slices
+ * and pins, and nothing else in the project maps numbers to records.
+ * The age list beside it gives the oldest unit, to drop when the table is
+ * full and to sweep first.
  */
 static pthread_mutex_t track_lock = PTHREAD_MUTEX_INITIALIZER;
-static struct tracked *buckets[1 << BUCKET_BITS];
+static void *by_unit;           /* tsearch tree of struct tracked */
 static struct tracked *oldest, *newest;
 static size_t nr_tracked;
-static struct hold *holds;      /* units held by requests in flight */
-static pthread_cond_t holds_changed = PTHREAD_COND_INITIALIZER;
 
-static size_t
-bucket_of (uint64_t unit)
+static int
+unit_cmp (const void *a, const void *b)
 {
-  return (size_t) ((unit * 0x9e3779b97f4a7c15ull) >> (64 - BUCKET_BITS));
+  const uint64_t x = ((const struct tracked *) a)->unit;
+  const uint64_t y = ((const struct tracked *) b)->unit;
+  return x < y ? -1 : x > y;
 }
 
 static struct tracked *
 find (uint64_t unit)
 {
-  struct tracked *t = buckets[bucket_of (unit)];
+  const struct tracked key = { .unit = unit };
+  struct tracked **t = tfind (&key, &by_unit, unit_cmp);
 
-  while (t && t->unit != unit)
-    t = t->hnext;
-  return t;
+  return t ? *t : NULL;
 }
 
-static void
+/* False when out of memory (t is then not tracked). */
+static bool
 insert (struct tracked *t)
 {
-  size_t b = bucket_of (t->unit);
-
-  t->hnext = buckets[b];
-  buckets[b] = t;
+  if (!tsearch (t, &by_unit, unit_cmp))
+    return false;
   t->older = newest;
   t->newer = NULL;
   if (newest)
@@ -117,16 +117,13 @@ insert (struct tracked *t)
     oldest = t;
   newest = t;
   nr_tracked++;
+  return true;
 }
 
 static void
 remove_entry (struct tracked *t)
 {
-  struct tracked **p = &buckets[bucket_of (t->unit)];
-
-  while (*p != t)
-    p = &(*p)->hnext;
-  *p = t->hnext;
+  tdelete (t, &by_unit, unit_cmp);
   if (t->older)
     t->older->newer = t->newer;
   else
@@ -203,13 +200,14 @@ mark (uint64_t unit, uint32_t start, uint32_t end, uint32_t len, bool create,
       remove_entry (oldest);
     }
     t = calloc (1, sizeof *t);
-    if (!t) {
+    if (t)
+      t->unit = unit;
+    if (!t || !insert (t)) {
       /* The unit just stays uncompressed. */
+      free (t);
       pthread_mutex_unlock (&track_lock);
       return false;
     }
-    t->unit = unit;
-    insert (t);
   }
   complete = cover (t, start, end, len);
   if (complete)
@@ -242,50 +240,29 @@ forget (uint64_t first, uint64_t last)
 
 /* --- Unit locks ------------------------------------------------------ */
 
-static bool
-conflicts (const struct hold *h)
-{
-  for (const struct hold *o = holds; o; o = o->next)
-    if (o->first <= h->last && h->first <= o->last &&
-        (o->exclusive || h->exclusive))
-      return true;
-  return false;
-}
+/* The engine's range lock, over unit numbers instead of clusters: a
+ * request takes its units in one call, which takes the stripes in
+ * ascending order, so requests cannot deadlock.  Created in .get_ready.
+ */
+static struct qcow2_rangelock *units;
 
-/* Take hs[0..n) together, once none conflicts with a hold of another
- * request: taking them one by one could deadlock.
+/* A request takes all its units exclusive when it covers one of its end
+ * units partly (it may complete and rewrite it), shared otherwise.  So
+ * whole-unit writes run side by side; a partial one waits for, and
+ * blocks, requests on its whole range rather than on its end units only.
+ * That costs parallelism only to misaligned requests overlapping each
+ * other, which clients do not send in practice.
  */
 static void
-hold_units (struct hold *hs, size_t n)
+hold_units (uint64_t first, uint64_t last, bool exclusive)
 {
-  pthread_mutex_lock (&track_lock);
-  for (size_t i = 0; i < n;) {
-    if (conflicts (&hs[i])) {
-      pthread_cond_wait (&holds_changed, &track_lock);
-      i = 0;    /* what was free may be taken now */
-    }
-    else
-      i++;
-  }
-  for (size_t i = 0; i < n; i++) {
-    hs[i].next = holds;
-    holds = &hs[i];
-  }
-  pthread_mutex_unlock (&track_lock);
+  qcow2_rangelock_lock (units, first, last - first + 1, exclusive);
 }
 
 static void
-release_units (struct hold *hs, size_t n)
+release_units (uint64_t first, uint64_t last)
 {
-  pthread_mutex_lock (&track_lock);
-  for (size_t i = 0; i < n; i++) {
-    struct hold **p = &holds;
-    while (*p != &hs[i])
-      p = &(*p)->next;
-    *p = hs[i].next;
-  }
-  pthread_cond_broadcast (&holds_changed);
-  pthread_mutex_unlock (&track_lock);
+  qcow2_rangelock_unlock (units, first, last - first + 1);
 }
 
 /* --- Writing --------------------------------------------------------- */
@@ -310,16 +287,6 @@ covers_unit (const struct handle *h, uint64_t unit, uint64_t offset,
 {
   uint64_t start = unit_start (h, unit);
   return offset <= start && end >= start + unit_len (h, unit);
-}
-
-static bool
-is_zero (const unsigned char *p, size_t len)
-{
-  /* The first 16 bytes directly, then the rest against its shifted self. */
-  for (size_t i = 0; i < len && i < 16; i++)
-    if (p[i])
-      return false;
-  return len <= 16 || memcmp (p, p + 16, len - 16) == 0;
 }
 
 /* Whole units [offset, offset + count): units of zeros become zero
@@ -381,12 +348,11 @@ static int
 rewrite_unlocked (nbdkit_next *next, const struct handle *h, uint64_t unit,
                   int *err)
 {
-  struct hold hold = { .first = unit, .last = unit, .exclusive = true };
   int r;
 
-  hold_units (&hold, 1);
+  hold_units (unit, unit, true);
   r = rewrite (next, h, unit, err);
-  release_units (&hold, 1);
+  release_units (unit, unit);
   return r;
 }
 
@@ -433,8 +399,6 @@ request (nbdkit_next *next, const struct handle *h, enum op op,
   const bool head_partial = !covers_unit (h, first, offset, end);
   const bool tail_partial = !covers_unit (h, last, offset, end);
   const bool fua = flags & NBDKIT_FLAG_FUA;
-  struct hold hs[3];
-  size_t nr_holds = 0;
   uint64_t victims[2];
   bool have_victim[2] = { false, false };
   int r = 0;
@@ -442,12 +406,7 @@ request (nbdkit_next *next, const struct handle *h, enum op op,
   if (count == 0)
     return 0;
   flags &= ~NBDKIT_FLAG_FUA;
-  hs[nr_holds++] = (struct hold) { first, first, head_partial, NULL };
-  if (last - first >= 2)
-    hs[nr_holds++] = (struct hold) { first + 1, last - 1, false, NULL };
-  if (last != first)
-    hs[nr_holds++] = (struct hold) { last, last, tail_partial, NULL };
-  hold_units (hs, nr_holds);
+  hold_units (first, last, head_partial || tail_partial);
 
   switch (op) {
   case OP_WRITE: {
@@ -500,7 +459,7 @@ request (nbdkit_next *next, const struct handle *h, enum op op,
         r = rewrite (next, h, unit, err);
     }
   }
-  release_units (hs, nr_holds);
+  release_units (first, last);
 
   for (int i = 0; i < 2 && r == 0; i++)
     if (have_victim[i])
@@ -512,11 +471,24 @@ request (nbdkit_next *next, const struct handle *h, enum op op,
 
 /* --- Callbacks ------------------------------------------------------- */
 
+static int
+compress_get_ready (int thread_model)
+{
+  (void) thread_model;
+  units = qcow2_rangelock_new ();
+  if (!units) {
+    nbdkit_error ("qcow2-compress: cannot create the unit locks: %m");
+    return -1;
+  }
+  return 0;
+}
+
 static void
 compress_unload (void)
 {
   while (oldest)
     remove_entry (oldest);
+  qcow2_rangelock_free (units);
 }
 
 /* One export: the active image, under the default name. */
@@ -572,7 +544,8 @@ compress_prepare (nbdkit_next *next, void *handle, int readonly)
   if (!desc || strcmp (desc, COMPRESSED_DESCRIPTION) != 0) {
     nbdkit_error ("qcow2-compress: the plugin did not open the compressing "
                   "export \"%s\"; this filter works only over "
-                  "nbdkit-qcow2-plugin", COMPRESSED_EXPORT);
+                  "nbdkit-qcow2-plugin or nbdkit-qcow2-filter",
+                  COMPRESSED_EXPORT);
     return -1;
   }
   size = next->get_size (next);
@@ -651,6 +624,7 @@ static struct nbdkit_filter filter = {
   .name = "qcow2-compress",
   .longname = "nbdkit qcow2 compression filter",
   .unload = compress_unload,
+  .get_ready = compress_get_ready,
   .list_exports = compress_list_exports,
   .default_export = compress_default_export,
   .open = compress_open,
