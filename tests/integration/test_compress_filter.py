@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from conftest import (PLUGIN, COMPRESS_FILTER as FILTER, nbdkit_env,
+from conftest import (PLUGIN, COMPRESS_FILTER as FILTER,
+                      FILTER as QCOW2_FILTER, container_room, nbdkit_env,
                       qemu_img, qemu_io)
 
 K = 1 << 10
@@ -553,6 +554,22 @@ def test_chain_with_other_filters(tmp_path, source, chain):
     }[chain]
     r = run_nbdkit(img, 'nbdcopy "$SRC" "$uri"', filters, params=params,
                    env={"SRC": str(src)})
+    assert r.returncode == 0, r.stderr
+    assert_clean(img)
+    assert_identical(img, src)
+    assert_regions(img, 16 * M)
+
+
+def test_over_the_qcow2_filter(tmp_path, source):
+    """nbdkit-qcow2-filter keeps the same contract (adapter/
+    compressed-export.h): the filter compresses over it, on any plugin."""
+    img = create(tmp_path / "out.qcow2", 16 * M)
+    os.truncate(img, container_room(img))
+    src = tmp_path / "src.raw"
+    with open(source, "rb") as f:
+        src.write_bytes(f.read(16 * M))
+    r = run_nbdkit(img, 'nbdcopy "$SRC" "$uri"', [FILTER, QCOW2_FILTER],
+                   plugin=["file", "file=" + img], env={"SRC": str(src)})
     assert r.returncode == 0, r.stderr
     assert_clean(img)
     assert_identical(img, src)
