@@ -27,7 +27,7 @@ QCOW2_DEBUG_FLAG qcow2_debug_alloc;    /* each cluster allocation */
 QCOW2_DEBUG_FLAG qcow2_debug_metadata; /* each metadata write-back, sync */
 QCOW2_DEBUG_FLAG qcow2_debug_cache;    /* each metadata cache eviction */
 
-/* Send one formatted line to the debug handler. */
+/* Send one formatted line to the debug handler (error.c). */
 void qcow2_log_debug (const char *fmt, ...)
   __attribute__ ((format (printf, 1, 2)));
 

@@ -44,62 +44,62 @@ af_diffuse (EVP_MD_CTX *mctx, const EVP_MD *md, unsigned char *buf,
   return 0;
 }
 
-/* AF-merge `stripes` blocks of `block` bytes at src into out (block
- * bytes): out = D(...D(D(s0) ^ s1)...) ^ s[n-1].
+/* d = D(...D(D(s0) ^ s1)...) over the first stripes - 1 blocks of
+ * `block` bytes at src: what the last block is XORed with, to merge as
+ * to split.
  */
-int
-qcow2_af_merge (const EVP_MD *md, const unsigned char *src, size_t block,
-          uint32_t stripes, unsigned char *out)
+static int
+af_chain (const EVP_MD *md, const unsigned char *src, size_t block,
+          uint32_t stripes, unsigned char d[MAX_KEY])
 {
   EVP_MD_CTX *mctx = EVP_MD_CTX_new ();
-  unsigned char d[MAX_KEY] = { 0 };
   int r = 0;
 
+  memset (d, 0, MAX_KEY);
   if (!mctx)
     return qcow2_crypt_openssl_fail ("LUKS: cannot create hash context");
-  for (uint32_t s = 0; s + 1 < stripes; s++) {
+  for (uint32_t s = 0; r == 0 && s + 1 < stripes; s++) {
     for (size_t i = 0; i < block; i++)
       d[i] ^= src[(size_t) s * block + i];
     r = af_diffuse (mctx, md, d, block);
-    if (r < 0)
-      goto out;
   }
-  for (size_t i = 0; i < block; i++)
-    out[i] = d[i] ^ src[(size_t) (stripes - 1) * block + i];
- out:
-  OPENSSL_cleanse (d, sizeof d);
   EVP_MD_CTX_free (mctx);
   return r;
 }
 
-/* The inverse of qcow2_af_merge: fill `stripes` blocks at dst so that they
- * merge to src.  All but the last block are random.
+/* out = af_chain(src) ^ s[n-1]. */
+int
+qcow2_af_merge (const EVP_MD *md, const unsigned char *src, size_t block,
+                uint32_t stripes, unsigned char *out)
+{
+  const unsigned char *last = src + (size_t) (stripes - 1) * block;
+  unsigned char d[MAX_KEY];
+  int r = af_chain (md, src, block, stripes, d);
+
+  if (r == 0)
+    for (size_t i = 0; i < block; i++)
+      out[i] = d[i] ^ last[i];
+  OPENSSL_cleanse (d, sizeof d);
+  return r;
+}
+
+/* All but the last block are random; the last is then the one that
+ * merges to src.
  */
 int
 qcow2_af_split (const EVP_MD *md, const unsigned char *src, size_t block,
-          uint32_t stripes, unsigned char *dst)
+                uint32_t stripes, unsigned char *dst)
 {
-  EVP_MD_CTX *mctx = EVP_MD_CTX_new ();
-  unsigned char d[MAX_KEY] = { 0 };
-  int r = 0;
+  unsigned char *last = dst + (size_t) (stripes - 1) * block;
+  unsigned char d[MAX_KEY];
+  int r;
 
-  if (!mctx)
-    return qcow2_crypt_openssl_fail ("LUKS: cannot create hash context");
-  if (RAND_bytes (dst, (int) (block * (stripes - 1))) != 1) {
-    r = qcow2_crypt_openssl_fail ("LUKS: cannot get random bytes");
-    goto out;
-  }
-  for (uint32_t s = 0; s + 1 < stripes; s++) {
+  if (RAND_bytes (dst, (int) (block * (stripes - 1))) != 1)
+    return qcow2_crypt_openssl_fail ("LUKS: cannot get random bytes");
+  r = af_chain (md, dst, block, stripes, d);
+  if (r == 0)
     for (size_t i = 0; i < block; i++)
-      d[i] ^= dst[(size_t) s * block + i];
-    r = af_diffuse (mctx, md, d, block);
-    if (r < 0)
-      goto out;
-  }
-  for (size_t i = 0; i < block; i++)
-    dst[(size_t) (stripes - 1) * block + i] = d[i] ^ src[i];
- out:
+      last[i] = d[i] ^ src[i];
   OPENSSL_cleanse (d, sizeof d);
-  EVP_MD_CTX_free (mctx);
   return r;
 }

@@ -161,7 +161,7 @@ make_iv (const struct qcow2_crypt *c, struct ctxs *x, uint64_t sector,
  */
 int
 qcow2_cipher_run (struct qcow2_crypt *c, int enc, uint64_t sector,
-           unsigned char *buf, size_t len)
+                  unsigned char *buf, size_t len)
 {
   struct ctxs *x;
   int r = ctxs_get (c, enc, &x);
@@ -181,7 +181,7 @@ qcow2_cipher_run (struct qcow2_crypt *c, int enc, uint64_t sector,
         EVP_CipherUpdate (x->data, buf, &outl, buf, (int) n) != 1 ||
         (size_t) outl != n) {
       r = qcow2_crypt_openssl_fail (enc ? "crypt: encryption failed"
-                            : "crypt: decryption failed");
+                                    : "crypt: decryption failed");
       break;
     }
     buf += n;
@@ -202,7 +202,7 @@ qcow2_cipher_run (struct qcow2_crypt *c, int enc, uint64_t sector,
  */
 int
 qcow2_cipher_new (const struct crypt_spec *spec, const unsigned char *key,
-           bool iv_host_offset, struct qcow2_crypt **out)
+                  bool iv_host_offset, struct qcow2_crypt **out)
 {
   struct qcow2_crypt *c = calloc (1, sizeof *c);
   struct ctxs *x;

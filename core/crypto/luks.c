@@ -59,8 +59,9 @@ struct luks_slot {
  * it, 0 when it does not, negative errno on error.
  */
 static int
-luks_try_slot (struct qcow2_io *io, uint64_t offset, const struct crypt_spec *spec,
-               const EVP_MD *md, const unsigned char *hdr,
+luks_try_slot (struct qcow2_io *io, uint64_t offset,
+               const struct crypt_spec *spec, const EVP_MD *md,
+               const unsigned char *hdr,
                const struct luks_slot *slot, int slotno,
                const char *passphrase, unsigned char *master)
 {
@@ -254,7 +255,7 @@ qcow2_crypt_open_luks (struct qcow2_io *io, uint64_t offset, uint64_t length,
 
   key_bytes = get_be32 (hdr + LUKS_OFF_KEY_BYTES);
   r = qcow2_luks_resolve_spec (cipher_name, cipher_mode, key_bytes, &spec,
-                         &essiv_md);
+                               &essiv_md);
   if (r < 0)
     goto out;
   r = qcow2_luks_fetch_hash (hash_spec, "hash_spec", &md);

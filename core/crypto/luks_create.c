@@ -342,7 +342,7 @@ qcow2_crypt_create_luks (const struct qcow2_luks_params *p,
    * accepted above.
    */
   r = qcow2_af_split (md, master, key_bytes, LUKS_CREATE_STRIPES,
-                area + LUKS_CREATE_ALIGN);
+                      area + LUKS_CREATE_ALIGN);
   if (r < 0)
     goto out;
   r = qcow2_cipher_new (&spec, slot_key, false, &sc);

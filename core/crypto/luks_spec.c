@@ -50,7 +50,8 @@ qcow2_luks_fetch_hash (const char *name, const char *what, EVP_MD **md)
  */
 int
 qcow2_luks_resolve_spec (const char *cipher_name, const char *cipher_mode,
-                   uint32_t key_bytes, struct crypt_spec *spec, EVP_MD **essiv_md)
+                         uint32_t key_bytes, struct crypt_spec *spec,
+                         EVP_MD **essiv_md)
 {
   const char *dash = strchr (cipher_mode, '-');
   const char *ivspec;
