@@ -88,6 +88,11 @@ IMAGES = {
     "empty": Image(
         "empty", "empty.qcow2", "empty.raw",
         "empty qcow2 (64k clusters); raw equivalent is a sparse file"),
+    # For large writes over small clusters: one 4 MiB request spans 1024
+    # clusters, so what the range lock takes for it shows.
+    "empty-4k": Image(
+        "empty-4k", "empty-4k.qcow2", "empty.raw",
+        "empty qcow2 with 4k clusters; raw equivalent is a sparse file"),
     "extl2-overlay": Image(
         "extl2-overlay", "extl2-overlay.qcow2", "random.raw",
         "empty qcow2 overlay with extended L2 entries (64k clusters, 2k "
@@ -140,6 +145,13 @@ ROWS = [
         write=True),
     Row("randwrite-4k-alloc-4jobs", "empty", "randwrite", "4k", iodepth=16,
         numjobs=4, write=True),
+    # Flush-heavy guests (databases, journaling file systems): every job
+    # flushes after each 16 of its writes (fio's nbd engine has no
+    # fdatasync; --fsync sends NBD_CMD_FLUSH).
+    Row("randwrite-4k-alloc-4jobs-flush16", "empty", "randwrite", "4k",
+        iodepth=16, numjobs=4, write=True, fio_extra=("--fsync=16",)),
+    Row("randwrite-4M-alloc-4jobs-4k-clusters", "empty-4k", "randwrite",
+        "4M", iodepth=4, numjobs=4, write=True),
     Row("seqwrite-1M-alloc", "empty", "write", "1M", iodepth=4, write=True),
     Row("randwrite-4k-cow", "overlay", "randwrite", "4k", iodepth=16,
         write=True),
@@ -383,6 +395,9 @@ class Images:
                      "-b", "full.qcow2", "-F", "qcow2", p)
         elif name == "empty.qcow2":
             qemu_img("create", "-f", "qcow2", "-o", "cluster_size=65536",
+                     p, str(self.size))
+        elif name == "empty-4k.qcow2":
+            qemu_img("create", "-f", "qcow2", "-o", "cluster_size=4096",
                      p, str(self.size))
         else:
             raise KeyError(name)

@@ -219,10 +219,10 @@ release_entry (struct qcow2_image *img, const struct qcow2_entry *old)
 }
 
 /* Bound the dirty metadata: a cache full of dirty slices could not evict.
- * Every sync holds the writer lock across two or three fdatasyncs, so it
- * should be rare: with a limit of 32 slices, random 4 KiB writes over a
- * 1 GiB extended L2 overlay synced every 20 requests, at a third of
- * qemu-nbd's speed.
+ * This sync (unlike a client's flush, see flush.c) holds the writer lock
+ * across two or three fdatasyncs, so it should be rare: with a limit of
+ * 32 slices, random 4 KiB writes over a 1 GiB extended L2 overlay synced
+ * every 20 requests, at a third of qemu-nbd's speed.
  */
 static int
 maybe_sync (struct qcow2_image *img)

@@ -281,6 +281,7 @@ free_writer (struct qcow2_image *img, struct qcow2_writer *w)
   qcow2_overlap_free (w->overlap);
   qcow2_cache_set_write_check (img->l2_cache, NULL, NULL);
   pthread_mutex_destroy (&w->lock);
+  qcow2_flusher_fini (&w->flusher);
   free (w);
   img->w = saved == w ? NULL : saved;
 }
@@ -313,6 +314,7 @@ qcow2_enable_write (struct qcow2_image *img)
   if (!w)
     return -ENOMEM;
   pthread_mutex_init (&w->lock, NULL);
+  qcow2_flusher_init (&w->flusher);
   img->w = w;
   r = qcow2_refcount_init (img);
   if (r == 0)

@@ -154,6 +154,16 @@ struct qcow2_pending_free {
   uint64_t offset, length;
 };
 
+/* Client flushes in progress: see flush.c (qcow2_sync_flush). */
+struct qcow2_flusher {
+  pthread_mutex_t lock;         /* guards the rest; never held across I/O */
+  pthread_cond_t done;          /* a run ended */
+  uint64_t requested;           /* flushes that have arrived */
+  uint64_t completed;           /* every flush up to this one is served */
+  int result;                   /* of the last run */
+  bool running;
+};
+
 /* State of an image opened for writing.  Everything here is protected by
  * `lock`, the metadata lock, which is never held across guest data I/O.
  */
@@ -174,6 +184,7 @@ struct qcow2_writer {
                                    * a partly used host cluster; 0: none
                                    * (see compress.c) */
   bool enospc_quiet;              /* qcow2_alloc_clusters_try is running */
+  struct qcow2_flusher flusher;   /* its own lock, never held with `lock` */
 };
 
 /* A persistent dirty bitmap (bitmap.c, bitmap_store.c). */
@@ -521,8 +532,14 @@ int qcow2_grow_l1 (struct qcow2_image *img, uint64_t new_size,
 /* resize.c: under the writer lock, set the header's disk size (synced). */
 int qcow2_write_disk_size (struct qcow2_image *img, uint64_t size);
 
-/* flush.c: under the writer lock. */
+/* flush.c: a full metadata sync, under the writer lock. */
 int qcow2_sync_metadata (struct qcow2_image *img);
+/* flush.c: a client's flush; takes the writer lock itself, only where the
+ * order needs it, and shares its work with concurrent flushes.
+ */
+int qcow2_sync_flush (struct qcow2_image *img);
+void qcow2_flusher_init (struct qcow2_flusher *f);
+void qcow2_flusher_fini (struct qcow2_flusher *f);
 
 /* The guest clusters [*first, *first + *count) that the bytes [offset,
  * offset + len) touch, len > 0: what a request takes range locks on.

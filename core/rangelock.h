@@ -9,8 +9,11 @@
  * already written.  Readers of encrypted images take their clusters
  * shared, because a sub-sector write rewrites a whole sector (read.c).
  *
- * Clusters map onto a fixed array of rwlocks (stripes); stripes are taken
- * in ascending order, so two requests can never deadlock.
+ * A request locks exactly its clusters, however many: a 4 MiB write on a
+ * 4 KiB-cluster image waits only for requests that overlap it.  Among
+ * conflicting requests the earlier goes first, so a stream of shared
+ * requests cannot starve an exclusive one (rangelock.c).  A thread holds
+ * at most one range at a time.
  */
 #ifndef QCOW2_RANGELOCK_H
 #define QCOW2_RANGELOCK_H

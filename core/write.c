@@ -406,8 +406,6 @@ qcow2_write (struct qcow2_image *img, const void *buf, uint64_t len,
 int
 qcow2_flush (struct qcow2_image *img)
 {
-  int r;
-
   /* Not img->w: writing may be enabled by another thread right now (the
    * plugin does it at the first write), and img->w is set before the
    * writer is complete.  `writable` is published last: until it is set
@@ -415,8 +413,5 @@ qcow2_flush (struct qcow2_image *img)
    */
   if (!qcow2_is_writable (img))
     return 0;
-  pthread_mutex_lock (&img->w->lock);
-  r = qcow2_sync_metadata (img);
-  pthread_mutex_unlock (&img->w->lock);
-  return r;
+  return qcow2_sync_flush (img);
 }
