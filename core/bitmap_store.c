@@ -417,8 +417,11 @@ table_size_for (const struct qcow2_image *img, const struct qcow2_bitmap *bm)
                                   img->cluster_size);
 }
 
+/* Store the bitmaps, with the header's autoclear bits set to `autoclear`
+ * (the bitmaps bit as the bitmaps say).
+ */
 static int
-store_locked (struct qcow2_image *img, bool final)
+store_locked (struct qcow2_image *img, bool final, uint64_t autoclear)
 {
   struct qcow2_bitmaps *b = &img->bitmaps;
   uint64_t **tables = calloc (b->n + 1, sizeof *tables);
@@ -428,7 +431,6 @@ store_locked (struct qcow2_image *img, bool final)
   uint64_t old_dir = img->h.has_bitmaps_ext ? img->h.bitmap_directory_offset
                                             : 0;
   uint64_t old_dir_size = img->h.bitmap_directory_size;
-  uint64_t autoclear = img->h.autoclear_features & ~QCOW2_AUTOCLEAR_BITMAPS;
   int r = 0;
 
   if (!tables || !offsets || !sizes) {
@@ -454,7 +456,8 @@ store_locked (struct qcow2_image *img, bool final)
     r = qcow2_sync_metadata (img);
   if (r == 0)
     r = write_header (img, b->n, dir_size, dir_offset,
-                      autoclear | (b->n ? QCOW2_AUTOCLEAR_BITMAPS : 0));
+                      (autoclear & ~QCOW2_AUTOCLEAR_BITMAPS) |
+                      (b->n ? QCOW2_AUTOCLEAR_BITMAPS : 0));
   if (r < 0)
     goto out;
 
@@ -509,7 +512,7 @@ qcow2_bitmaps_store (struct qcow2_image *img, bool final)
   if (__atomic_load_n (&img->corrupt, __ATOMIC_ACQUIRE))
     return -EIO;   /* in_use stays: QEMU will not trust the bitmaps */
   pthread_mutex_lock (&img->w->lock);
-  r = store_locked (img, final);
+  r = store_locked (img, final, img->h.autoclear_features);
   pthread_mutex_unlock (&img->w->lock);
   if (r < 0)
     qcow2_error ("%s: could not store the persistent bitmaps: %s",
@@ -532,10 +535,9 @@ qcow2_bitmaps_claim (struct qcow2_image *img, uint64_t autoclear)
     return -EINVAL;
   }
   pthread_mutex_lock (&img->w->lock);
-  img->h.autoclear_features = autoclear;
   r = check_clusters (img);
-  if (r == 0)
-    r = store_locked (img, false);
+  if (r == 0)   /* img->h changes with the header write (memory follows disk) */
+    r = store_locked (img, false, autoclear);
   pthread_mutex_unlock (&img->w->lock);
   if (r == 0)
     b->claimed = true;
