@@ -94,10 +94,10 @@ static size_t
 put_extension (unsigned char *p, uint32_t magic, const void *data,
                uint32_t len)
 {
-  put_be32 (p, magic);
-  put_be32 (p + 4, len);
-  memcpy (p + 8, data, len);
-  return 8 + ((len + 7u) & ~7u);
+  put_be32 (p + QCOW2_EXT_MAGIC, magic);
+  put_be32 (p + QCOW2_EXT_LENGTH, len);
+  memcpy (p + QCOW2_EXT_DATA, data, len);
+  return QCOW2_EXT_DATA + ((len + 7u) & ~7u);
 }
 
 /* Cluster 0: the header, its extensions and the backing file name. */

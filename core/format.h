@@ -89,6 +89,25 @@
 #define QCOW2_L2E_OFFSET_MASK  0x00fffffffffffe00ull
 #define QCOW2_REFT_OFFSET_MASK 0xfffffffffffffe00ull
 
+/* A snapshot table entry: these fields, the extra data, the id, the
+ * name, padded to 8 bytes.
+ */
+#define QCOW2_SNE_L1_TABLE_OFFSET   0    /* u64 */
+#define QCOW2_SNE_L1_SIZE           8    /* u32 */
+#define QCOW2_SNE_ID_SIZE           12   /* u16 */
+#define QCOW2_SNE_NAME_SIZE         14   /* u16 */
+#define QCOW2_SNE_DATE_SEC          16   /* u32 */
+#define QCOW2_SNE_DATE_NSEC         20   /* u32 */
+#define QCOW2_SNE_VM_CLOCK_NSEC     24   /* u64 */
+#define QCOW2_SNE_VM_STATE_SIZE     32   /* u32 */
+#define QCOW2_SNE_EXTRA_DATA_SIZE   36   /* u32 */
+#define QCOW2_SNE_FIXED_BYTES       40
+/* Its extra data, as far as it goes. */
+#define QCOW2_SNE_EXTRA_VM_STATE_SIZE_LARGE  0    /* u64 */
+#define QCOW2_SNE_EXTRA_DISK_SIZE            8    /* u64 */
+#define QCOW2_SNE_EXTRA_ICOUNT               16   /* u64 */
+#define QCOW2_SNE_EXTRA_KNOWN_BYTES          24
+
 /* Extended L2 bitmap: bit x allocated, bit 32 + x reads as zero. */
 #define QCOW2_SUBCLUSTERS 32
 
