@@ -536,7 +536,8 @@ qcow2_bitmaps_claim (struct qcow2_image *img, uint64_t autoclear)
   }
   pthread_mutex_lock (&img->w->lock);
   r = check_clusters (img);
-  if (r == 0)   /* img->h changes with the header write (memory follows disk) */
+  /* img->h changes with the header write (memory follows disk). */
+  if (r == 0)
     r = store_locked (img, false, autoclear);
   pthread_mutex_unlock (&img->w->lock);
   if (r == 0)

@@ -5,9 +5,9 @@
  * Runs under the writer lock.  A new L2 table is made durable in QEMU's
  * order (l2_allocate; durable.c rules 1 and 4): its cluster's refcount,
  * then the table's contents, then the L1 entry, each synced before the
- * next, so a crash leaves at most a leaked cluster.  The L1 entry in memory changes last, with an atomic
- * store, so lock-free readers see either the old table or the complete new
- * one.
+ * next, so a crash leaves at most a leaked cluster.  The L1 entry in
+ * memory changes last, with an atomic store, so lock-free readers see
+ * either the old table or the complete new one.
  */
 #include <errno.h>
 #include <inttypes.h>

@@ -1,10 +1,10 @@
 /* Growing the virtual disk.
  *
  * A larger disk needs a larger L1 table.  QEMU's order
- * (qcow2_grow_l1_table; durable.c rules 1, 6 and 2): write the new table (a copy of the old entries,
- * then zeros) into fresh clusters and sync; switch the header's size,
- * l1_size and l1_table_offset in one write and sync; only then release the
- * old table.  A crash at any point leaves either the old or the new
+ * (qcow2_grow_l1_table; durable.c rules 1, 6 and 2): write the new table
+ * (a copy of the old entries, then zeros) into fresh clusters and sync;
+ * switch the header's size, l1_size and l1_table_offset in one write and
+ * sync; only then release the old table.  A crash at any point leaves either the old or the new
  * geometry, at worst with a leaked table.
  *
  * Resizing happens before the image serves requests (plugin startup,
