@@ -280,12 +280,12 @@ parse_entry (struct qcow2_image *img, const unsigned char *e, uint64_t avail,
 
   if (avail < QCOW2_BME_ENTRY_BYTES)
     return broken (img, "bitmap directory is truncated");
-  bm->table_offset = get_be64 (e);
-  bm->table_size = get_be32 (e + 8);
-  flags = get_be32 (e + 12);
-  bm->granularity_bits = e[17];
-  name_size = get_be16 (e + 18);
-  extra = get_be32 (e + 20);
+  bm->table_offset = get_be64 (e + QCOW2_BME_TABLE_OFFSET);
+  bm->table_size = get_be32 (e + QCOW2_BME_TABLE_SIZE);
+  flags = get_be32 (e + QCOW2_BME_FLAGS);
+  bm->granularity_bits = e[QCOW2_BME_GRANULARITY];
+  name_size = get_be16 (e + QCOW2_BME_NAME_SIZE);
+  extra = get_be32 (e + QCOW2_BME_EXTRA_DATA_SIZE);
   *entry_len = (QCOW2_BME_ENTRY_BYTES + (uint64_t) extra + name_size + 7) &
                ~7ull;
   if (*entry_len > avail)
@@ -303,7 +303,7 @@ parse_entry (struct qcow2_image *img, const unsigned char *e, uint64_t avail,
   bm->flags = flags;
   bm->inconsistent = flags & QCOW2_BME_IN_USE;
   phys = (uint64_t) bm->table_size * img->cluster_size;
-  if (e[16] != 1 || bm->table_size == 0 || bm->table_offset == 0 ||
+  if (e[QCOW2_BME_TYPE] != 1 || bm->table_size == 0 || bm->table_offset == 0 ||
       !is_aligned (bm->table_offset, img->cluster_size) ||
       bm->table_size > QCOW2_BME_MAX_TABLE_SIZE ||
       bm->granularity_bits > QCOW2_BME_MAX_GRANULARITY_BITS ||
@@ -315,7 +315,7 @@ parse_entry (struct qcow2_image *img, const unsigned char *e, uint64_t avail,
     return broken (img, "bitmap '%s' doesn't satisfy the constraints "
                    "(table at %#" PRIx64 ", %" PRIu32 " entries, flags %#"
                    PRIx32 ", type %u, granularity bits %u)", bm->name,
-                   bm->table_offset, bm->table_size, flags, e[16],
+                   bm->table_offset, bm->table_size, flags, e[QCOW2_BME_TYPE],
                    bm->granularity_bits);
   bm->nbits = bits_for (img->h.size, bm->granularity_bits);
   if (!bm->inconsistent &&

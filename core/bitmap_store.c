@@ -6,7 +6,9 @@
  * allocated clusters; makes them and their refcounts durable; then points
  * the header's bitmaps extension at the new directory in one write of the
  * header (as QEMU's update_ext_header_and_dir), syncs, and only then
- * drops the old directory, tables and data clusters.  A crash leaves
+ * drops the old directory, tables and data clusters (durable.c rules 1, 6
+ * and 2).  The header copy (img->h) and each bitmap's table follow the
+ * disk: they change only once the header write is durable.  A crash leaves
  * either the old directory or the new one, and leaks at worst.
  *
  * Claiming (before the first write, QEMU's qcow2_load_dirty_bitmaps on a
@@ -158,8 +160,8 @@ write_header (struct qcow2_image *img, uint32_t nb, uint64_t dir_size,
   uint64_t avail = min_u64 (cs, img->file_size);
   uint64_t backing = img->h.backing_file_offset;
   uint64_t backing_len = backing ? img->h.backing_file_size : 0;
-  unsigned char *old, *buf, ext[32];
-  uint64_t off, pos, old_end, write_len;
+  unsigned char *old, *buf, ext[QCOW2_EXT_DATA + QCOW2_EXT_BITMAPS_LENGTH];
+  uint64_t off, pos, old_end, write_len, backing_at = backing;
   bool placed = false;
   int r;
 
@@ -172,19 +174,19 @@ write_header (struct qcow2_image *img, uint32_t nb, uint64_t dir_size,
   r = qcow2_io_pread (img->io, old, avail, 0);
   if (r < 0)
     goto out;
-  put_be32 (ext, QCOW2_EXT_BITMAPS);
-  put_be32 (ext + 4, 24);
-  put_be32 (ext + 8, nb);
-  put_be32 (ext + 12, 0);
-  put_be64 (ext + 16, dir_size);
-  put_be64 (ext + 24, dir_offset);
+  put_be32 (ext + QCOW2_EXT_MAGIC, QCOW2_EXT_BITMAPS);
+  put_be32 (ext + QCOW2_EXT_LENGTH, QCOW2_EXT_BITMAPS_LENGTH);
+  put_be32 (ext + QCOW2_EXT_DATA + QCOW2_EXT_BITMAPS_NB, nb);
+  put_be32 (ext + QCOW2_EXT_DATA + QCOW2_EXT_BITMAPS_RESERVED, 0);
+  put_be64 (ext + QCOW2_EXT_DATA + QCOW2_EXT_BITMAPS_DIR_SIZE, dir_size);
+  put_be64 (ext + QCOW2_EXT_DATA + QCOW2_EXT_BITMAPS_DIR_OFFSET, dir_offset);
 
   memcpy (buf, old, img->h.header_length);
-  put_be64 (buf + 88, autoclear);
+  put_be64 (buf + QCOW2_HDR_AUTOCLEAR_FEATURES, autoclear);
   pos = img->h.header_length;
   for (off = img->h.header_length; off + 8 <= avail;) {
-    uint32_t magic = get_be32 (old + off);
-    uint64_t len = (get_be32 (old + off + 4) + 7ull) & ~7ull;
+    uint32_t magic = get_be32 (old + off + QCOW2_EXT_MAGIC);
+    uint64_t len = (get_be32 (old + off + QCOW2_EXT_LENGTH) + 7ull) & ~7ull;
     if (magic == QCOW2_EXT_END || off + 8 + len > avail)
       break;
     if (magic == QCOW2_EXT_BITMAPS) {
@@ -225,19 +227,23 @@ write_header (struct qcow2_image *img, uint32_t nb, uint64_t dir_size,
   if (backing) {
     uint64_t at = backing >= pos ? backing : pos;
     memcpy (buf + at, old + backing, backing_len);
-    put_be64 (buf + 8, at);
+    put_be64 (buf + QCOW2_HDR_BACKING_FILE_OFFSET, at);
     if (at + backing_len > write_len)
       write_len = at + backing_len;
     if (backing + backing_len > write_len)
       write_len = backing + backing_len;
-    img->h.backing_file_offset = at;
+    backing_at = at;
   }
+  /* Rule 6: the directory and everything it reaches are durable
+   * (store_locked synced them); the header switches in one write.
+   */
   r = qcow2_overlap_check (img, 0, write_len, QCOW2_META_HEADER);
   if (r == 0)
-    r = qcow2_io_pwrite (img->io, buf, write_len, 0);
-  if (r == 0)
-    r = qcow2_io_flush (img->io);
+    r = qcow2_meta_write_durable (img, QCOW2_RULE_HEADER_LAST, buf,
+                                  write_len, 0);
   if (r == 0) {
+    /* Memory follows disk. */
+    img->h.backing_file_offset = backing_at;
     img->h.has_bitmaps_ext = nb > 0;
     img->h.nb_bitmaps = nb;
     img->h.bitmap_directory_size = dir_size;
@@ -296,8 +302,9 @@ write_bitmap (struct qcow2_image *img, const struct qcow2_bitmap *bm,
       for (unsigned j = 0; j < 8; j++)
         buf[k * 8 + j] = (unsigned char) (bm->words[first + k] >> (8 * j));
     r = alloc_bitmap (img, cs, &table[i]);
+    /* Rule 6: durable before the header reaches it (store_locked). */
     if (r == 0)
-      r = qcow2_io_pwrite (img->io, buf, cs, table[i]);
+      r = qcow2_meta_write (img, QCOW2_RULE_HEADER_LAST, buf, cs, table[i]);
   }
   if (r == 0)
     r = alloc_bitmap (img, (uint64_t) size * 8, table_offset);
@@ -307,8 +314,9 @@ write_bitmap (struct qcow2_image *img, const struct qcow2_bitmap *bm,
       r = -ENOMEM;
     for (uint32_t i = 0; r == 0 && i < size; i++)
       put_be64 (be + i * 8, table[i]);
-    if (r == 0)
-      r = qcow2_io_pwrite (img->io, be, (uint64_t) size * 8, *table_offset);
+    if (r == 0)   /* rule 6, as the data */
+      r = qcow2_meta_write (img, QCOW2_RULE_HEADER_LAST, be,
+                            (uint64_t) size * 8, *table_offset);
     free (be);
   }
  out:
@@ -373,18 +381,19 @@ write_directory (struct qcow2_image *img, const uint64_t *offsets,
     uint32_t flags = bm->flags;
     if (!bm->inconsistent)
       flags = (flags & QCOW2_BME_AUTO) | (final ? 0 : QCOW2_BME_IN_USE);
-    put_be64 (dir + pos, offsets[i]);
-    put_be32 (dir + pos + 8, sizes[i]);
-    put_be32 (dir + pos + 12, flags);
-    dir[pos + 16] = 1;
-    dir[pos + 17] = bm->granularity_bits;
-    put_be16 (dir + pos + 18, (uint16_t) strlen (bm->name));
+    put_be64 (dir + pos + QCOW2_BME_TABLE_OFFSET, offsets[i]);
+    put_be32 (dir + pos + QCOW2_BME_TABLE_SIZE, sizes[i]);
+    put_be32 (dir + pos + QCOW2_BME_FLAGS, flags);
+    dir[pos + QCOW2_BME_TYPE] = 1;
+    dir[pos + QCOW2_BME_GRANULARITY] = bm->granularity_bits;
+    put_be16 (dir + pos + QCOW2_BME_NAME_SIZE, (uint16_t) strlen (bm->name));
     memcpy (dir + pos + QCOW2_BME_ENTRY_BYTES, bm->name, strlen (bm->name));
     pos += dir_entry_bytes (bm);
   }
   r = alloc_bitmap (img, size, dir_offset);
-  if (r == 0)
-    r = qcow2_io_pwrite (img->io, dir, size, *dir_offset);
+  if (r == 0)   /* rule 6: durable before the header points at it */
+    r = qcow2_meta_write (img, QCOW2_RULE_HEADER_LAST, dir, size,
+                          *dir_offset);
   *dir_size = size;
   free (dir);
   return r;
@@ -408,8 +417,11 @@ table_size_for (const struct qcow2_image *img, const struct qcow2_bitmap *bm)
                                   img->cluster_size);
 }
 
+/* Store the bitmaps, with the header's autoclear bits set to `autoclear`
+ * (the bitmaps bit as the bitmaps say).
+ */
 static int
-store_locked (struct qcow2_image *img, bool final)
+store_locked (struct qcow2_image *img, bool final, uint64_t autoclear)
 {
   struct qcow2_bitmaps *b = &img->bitmaps;
   uint64_t **tables = calloc (b->n + 1, sizeof *tables);
@@ -419,7 +431,6 @@ store_locked (struct qcow2_image *img, bool final)
   uint64_t old_dir = img->h.has_bitmaps_ext ? img->h.bitmap_directory_offset
                                             : 0;
   uint64_t old_dir_size = img->h.bitmap_directory_size;
-  uint64_t autoclear = img->h.autoclear_features & ~QCOW2_AUTOCLEAR_BITMAPS;
   int r = 0;
 
   if (!tables || !offsets || !sizes) {
@@ -445,7 +456,8 @@ store_locked (struct qcow2_image *img, bool final)
     r = qcow2_sync_metadata (img);
   if (r == 0)
     r = write_header (img, b->n, dir_size, dir_offset,
-                      autoclear | (b->n ? QCOW2_AUTOCLEAR_BITMAPS : 0));
+                      (autoclear & ~QCOW2_AUTOCLEAR_BITMAPS) |
+                      (b->n ? QCOW2_AUTOCLEAR_BITMAPS : 0));
   if (r < 0)
     goto out;
 
@@ -500,7 +512,7 @@ qcow2_bitmaps_store (struct qcow2_image *img, bool final)
   if (__atomic_load_n (&img->corrupt, __ATOMIC_ACQUIRE))
     return -EIO;   /* in_use stays: QEMU will not trust the bitmaps */
   pthread_mutex_lock (&img->w->lock);
-  r = store_locked (img, final);
+  r = store_locked (img, final, img->h.autoclear_features);
   pthread_mutex_unlock (&img->w->lock);
   if (r < 0)
     qcow2_error ("%s: could not store the persistent bitmaps: %s",
@@ -523,10 +535,10 @@ qcow2_bitmaps_claim (struct qcow2_image *img, uint64_t autoclear)
     return -EINVAL;
   }
   pthread_mutex_lock (&img->w->lock);
-  img->h.autoclear_features = autoclear;
   r = check_clusters (img);
+  /* img->h changes with the header write (memory follows disk). */
   if (r == 0)
-    r = store_locked (img, false);
+    r = store_locked (img, false, autoclear);
   pthread_mutex_unlock (&img->w->lock);
   if (r == 0)
     b->claimed = true;

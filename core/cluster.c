@@ -3,11 +3,11 @@
  * snapshot.
  *
  * Runs under the writer lock.  A new L2 table is made durable in QEMU's
- * order (l2_allocate): its cluster's refcount, then the table's contents,
- * then the L1 entry, each synced before the next, so a crash leaves at most
- * a leaked cluster.  The L1 entry in memory changes last, with an atomic
- * store, so lock-free readers see either the old table or the complete new
- * one.
+ * order (l2_allocate; durable.c rules 1 and 4): its cluster's refcount,
+ * then the table's contents, then the L1 entry, each synced before the
+ * next, so a crash leaves at most a leaked cluster.  The L1 entry in
+ * memory changes last, with an atomic store, so lock-free readers see
+ * either the old table or the complete new one.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -74,7 +74,6 @@ qcow2_l2_slice_get (struct qcow2_image *img, uint64_t l2, uint64_t o,
 static int
 l2_allocate (struct qcow2_image *img, uint64_t l1_index)
 {
-  struct qcow2_writer *w = img->w;
   uint64_t old = qcow2_l1_entry (img->l1, l1_index) & QCOW2_L1E_OFFSET_MASK;
   uint64_t new_offset;
   unsigned char *table, entry[8];
@@ -96,20 +95,18 @@ l2_allocate (struct qcow2_image *img, uint64_t l1_index)
     goto out;
   qcow2_cache_discard (img->l2_cache, new_offset, img->cluster_size);
 
-  r = qcow2_cache_writeback (w->refblock_cache);
+  /* Rule 1: the table's refcount durable; rule 4: then the table, then
+   * the L1 entry, each durable.
+   */
+  r = qcow2_meta_refcounts_durable (img, QCOW2_RULE_ALLOC_REFCOUNT_FIRST);
   if (r == 0)
-    r = qcow2_io_flush (img->io);
-  if (r == 0)
-    r = qcow2_io_pwrite (img->io, table, img->cluster_size, new_offset);
-  if (r == 0)
-    r = qcow2_io_flush (img->io);
+    r = qcow2_meta_write_durable (img, QCOW2_RULE_L2_BEFORE_L1, table,
+                                  img->cluster_size, new_offset);
   if (r == 0) {
     put_be64 (entry, new_offset | QCOW2_OFLAG_COPIED);
-    r = qcow2_io_pwrite (img->io, entry, 8,
-                         img->h.l1_table_offset + l1_index * 8);
+    r = qcow2_meta_write_durable (img, QCOW2_RULE_L2_BEFORE_L1, entry, 8,
+                                  img->h.l1_table_offset + l1_index * 8);
   }
-  if (r == 0)
-    r = qcow2_io_flush (img->io);
   if (r < 0) {
     qcow2_error ("could not write a new L2 table: %s", strerror (-r));
     goto out;

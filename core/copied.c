@@ -129,8 +129,10 @@ fix_l1_entry (struct qcow2_image *img, uint32_t i, uint64_t fixed)
   unsigned char e[8];
   int r;
 
+  /* Rule 7, durable at the pass's next sync; memory follows disk. */
   put_be64 (e, fixed);
-  r = qcow2_io_pwrite (img->io, e, 8, img->h.l1_table_offset + i * 8);
+  r = qcow2_meta_write (img, QCOW2_RULE_IN_PLACE, e, 8,
+                        img->h.l1_table_offset + i * 8);
   if (r < 0) {
     qcow2_error ("%s: could not write the L1 table: %s", img->filename,
                  strerror (-r));

@@ -94,10 +94,10 @@ static size_t
 put_extension (unsigned char *p, uint32_t magic, const void *data,
                uint32_t len)
 {
-  put_be32 (p, magic);
-  put_be32 (p + 4, len);
-  memcpy (p + 8, data, len);
-  return 8 + ((len + 7u) & ~7u);
+  put_be32 (p + QCOW2_EXT_MAGIC, magic);
+  put_be32 (p + QCOW2_EXT_LENGTH, len);
+  memcpy (p + QCOW2_EXT_DATA, data, len);
+  return QCOW2_EXT_DATA + ((len + 7u) & ~7u);
 }
 
 /* Cluster 0: the header, its extensions and the backing file name. */
@@ -110,12 +110,14 @@ build_header (const struct qcow2_create_options *o, unsigned char *buf,
   size_t pos;
 
   memset (buf, 0, cs);
-  put_be32 (buf, QCOW2_MAGIC);
-  put_be32 (buf + 4, o->version);
-  put_be32 (buf + 20, log2_of (cs));
-  put_be32 (buf + 32, crypto_offset ? QCOW2_CRYPT_LUKS : QCOW2_CRYPT_NONE);
-  put_be64 (buf + 48, cs);                  /* refcount table: cluster 1 */
-  put_be32 (buf + 56, 1);
+  put_be32 (buf + QCOW2_HDR_MAGIC, QCOW2_MAGIC);
+  put_be32 (buf + QCOW2_HDR_VERSION, o->version);
+  put_be32 (buf + QCOW2_HDR_CLUSTER_BITS, log2_of (cs));
+  put_be32 (buf + QCOW2_HDR_CRYPT_METHOD,
+            crypto_offset ? QCOW2_CRYPT_LUKS : QCOW2_CRYPT_NONE);
+  /* refcount table: cluster 1 */
+  put_be64 (buf + QCOW2_HDR_REFCOUNT_TABLE_OFFSET, cs);
+  put_be32 (buf + QCOW2_HDR_REFCOUNT_TABLE_CLUSTERS, 1);
   if (o->version == 3) {
     if (o->data_file)
       incompat |= QCOW2_INCOMPAT_DATA_FILE;
@@ -127,12 +129,12 @@ build_header (const struct qcow2_create_options *o, unsigned char *buf,
       compat |= QCOW2_COMPAT_LAZY_REFCOUNTS;
     if (o->data_file_raw)
       autoclear |= QCOW2_AUTOCLEAR_DATA_RAW;
-    put_be64 (buf + 72, incompat);
-    put_be64 (buf + 80, compat);
-    put_be64 (buf + 88, autoclear);
-    put_be32 (buf + 96, log2_of (o->refcount_bits));
-    put_be32 (buf + 100, V3_HEADER_LENGTH);
-    buf[104] = (unsigned char) o->compression_type;
+    put_be64 (buf + QCOW2_HDR_INCOMPATIBLE_FEATURES, incompat);
+    put_be64 (buf + QCOW2_HDR_COMPATIBLE_FEATURES, compat);
+    put_be64 (buf + QCOW2_HDR_AUTOCLEAR_FEATURES, autoclear);
+    put_be32 (buf + QCOW2_HDR_REFCOUNT_ORDER, log2_of (o->refcount_bits));
+    put_be32 (buf + QCOW2_HDR_HEADER_LENGTH, V3_HEADER_LENGTH);
+    buf[QCOW2_HDR_COMPRESSION_TYPE] = (unsigned char) o->compression_type;
     pos = V3_HEADER_LENGTH;
   }
   else
@@ -158,16 +160,16 @@ build_header (const struct qcow2_create_options *o, unsigned char *buf,
     pos += put_extension (buf + pos, QCOW2_EXT_DATA_FILE, o->data_file,
                           (uint32_t) strlen (o->data_file));
   if (crypto_offset) {
-    unsigned char ext[16];
-    put_be64 (ext, crypto_offset);
-    put_be64 (ext + 8, crypto_length);
+    unsigned char ext[QCOW2_EXT_CRYPTO_BYTES];
+    put_be64 (ext + QCOW2_EXT_CRYPTO_OFFSET, crypto_offset);
+    put_be64 (ext + QCOW2_EXT_CRYPTO_LENGTH, crypto_length);
     pos += put_extension (buf + pos, QCOW2_EXT_CRYPTO, ext, sizeof ext);
   }
   pos += 8;                                 /* end of extensions */
   if (o->backing_file) {
     size_t n = strlen (o->backing_file);
-    put_be64 (buf + 8, pos);
-    put_be32 (buf + 16, (uint32_t) n);
+    put_be64 (buf + QCOW2_HDR_BACKING_FILE_OFFSET, pos);
+    put_be32 (buf + QCOW2_HDR_BACKING_FILE_SIZE, (uint32_t) n);
     memcpy (buf + pos, o->backing_file, n);
   }
   return 0;
@@ -236,9 +238,7 @@ write_skeleton (const struct qcow2_create_options *o, struct qcow2_io *io)
       else
         p[o->refcount_bits / 8 - 1] = 1;     /* big-endian 1 */
     }
-    r = qcow2_io_pwrite (io, buf, 3 * cs, 0);
-    if (r == 0)
-      r = qcow2_io_flush (io);
+    r = qcow2_new_file_write_durable (io, buf, 3 * cs, 0);   /* rule 8 */
     if (r < 0)
       qcow2_error ("%s: cannot write the new image: %s", o->filename,
                    strerror (-r));
@@ -278,8 +278,12 @@ add_encryption (const struct qcow2_create_options *o, struct qcow2_image *img)
   if (r == 0)
     r = qcow2_sync_metadata (img);
   pthread_mutex_unlock (&img->w->lock);
+  /* Rule 1 (the sync above), then rule 6: the LUKS area durable, then the
+   * header that points at it.
+   */
   if (r == 0)
-    r = qcow2_io_pwrite (img->io, area, area_len, offset);
+    r = qcow2_meta_write_durable (img, QCOW2_RULE_HEADER_LAST, area,
+                                  area_len, offset);
   hdr = malloc (img->cluster_size);
   if (r == 0 && !hdr)
     r = -ENOMEM;
@@ -287,13 +291,12 @@ add_encryption (const struct qcow2_create_options *o, struct qcow2_image *img)
     r = build_header (o, hdr, offset, area_len);
   if (r == 0) {
     /* Keep the L1 geometry written so far. */
-    put_be64 (hdr + 24, img->h.size);
-    put_be32 (hdr + 36, img->h.l1_size);
-    put_be64 (hdr + 40, img->h.l1_table_offset);
-    r = qcow2_io_pwrite (img->io, hdr, img->cluster_size, 0);
+    put_be64 (hdr + QCOW2_HDR_SIZE, img->h.size);
+    put_be32 (hdr + QCOW2_HDR_L1_SIZE, img->h.l1_size);
+    put_be64 (hdr + QCOW2_HDR_L1_TABLE_OFFSET, img->h.l1_table_offset);
+    r = qcow2_meta_write_durable (img, QCOW2_RULE_HEADER_LAST, hdr,
+                                  img->cluster_size, 0);
   }
-  if (r == 0)
-    r = qcow2_io_flush (img->io);
   if (r == 0) {
     img->crypt = crypt;
     crypt = NULL;

@@ -13,7 +13,8 @@
  *      a crash before that leaks them, which check repairs, but never
  *      frees a cluster that a durable L2 entry still uses.
  * So a crash at any instant leaves no corruption (leaks allowed) and every
- * write acknowledged before a completed sync reads back.
+ * write acknowledged before a completed sync reads back.  Steps 1 and 2
+ * are durable.c's rules 1 and 3, step 3 its rule 2.
  *
  * qcow2_sync_metadata does all three under the writer lock: for the
  * engine's own syncs (the dirty-metadata bound, snapshots, resize, close),

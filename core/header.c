@@ -102,14 +102,14 @@ parse_extension (struct qcow2_header *h, uint64_t file_size,
   }
 
   case QCOW2_EXT_CRYPTO:
-    if (len != 16) {
+    if (len != QCOW2_EXT_CRYPTO_BYTES) {
       qcow2_error ("CRYPTO header extension size %" PRIu32
                    ", but expected size 16", len);
       return -EINVAL;
     }
     h->has_crypto_ext = true;
-    h->crypto_offset = get_be64 (data);
-    h->crypto_length = get_be64 (data + 8);
+    h->crypto_offset = get_be64 (data + QCOW2_EXT_CRYPTO_OFFSET);
+    h->crypto_length = get_be64 (data + QCOW2_EXT_CRYPTO_LENGTH);
     if (!is_aligned (h->crypto_offset, 1ull << h->cluster_bits) ||
         h->crypto_offset == 0 ||
         range_exceeds (h->crypto_offset, h->crypto_length, file_size)) {
@@ -121,16 +121,17 @@ parse_extension (struct qcow2_header *h, uint64_t file_size,
     return 0;
 
   case QCOW2_EXT_BITMAPS:
-    if (len != 24) {
+    if (len != QCOW2_EXT_BITMAPS_LENGTH) {
       qcow2_error ("bitmaps extension: invalid length %" PRIu32, len);
       return -EINVAL;
     }
     if (!(h->autoclear_features & QCOW2_AUTOCLEAR_BITMAPS))
       return 0; /* stale: ignored, as the spec says */
-    h->nb_bitmaps = get_be32 (data);
-    h->bitmap_directory_size = get_be64 (data + 8);
-    h->bitmap_directory_offset = get_be64 (data + 16);
-    if (get_be32 (data + 4) != 0) {
+    h->nb_bitmaps = get_be32 (data + QCOW2_EXT_BITMAPS_NB);
+    h->bitmap_directory_size = get_be64 (data + QCOW2_EXT_BITMAPS_DIR_SIZE);
+    h->bitmap_directory_offset =
+      get_be64 (data + QCOW2_EXT_BITMAPS_DIR_OFFSET);
+    if (get_be32 (data + QCOW2_EXT_BITMAPS_RESERVED) != 0) {
       qcow2_error ("bitmaps extension: reserved field is not zero");
       return -EINVAL;
     }
@@ -195,9 +196,9 @@ parse_extensions (struct qcow2_header *h, uint64_t file_size,
       qcow2_error ("header extensions run past the end of the file");
       return -EINVAL;
     }
-    uint32_t magic = get_be32 (buf + off);
-    uint32_t len = get_be32 (buf + off + 4);
-    off += 8;
+    uint32_t magic = get_be32 (buf + off + QCOW2_EXT_MAGIC);
+    uint32_t len = get_be32 (buf + off + QCOW2_EXT_LENGTH);
+    off += QCOW2_EXT_DATA;
     if (len > end - off) {
       qcow2_error ("Header extension too large");
       return -EINVAL;
@@ -319,27 +320,29 @@ qcow2_header_read (struct qcow2_io *io, uint64_t file_size,
     return r;
   }
 
-  if (get_be32 (fixed) != QCOW2_MAGIC) {
+  if (get_be32 (fixed + QCOW2_HDR_MAGIC) != QCOW2_MAGIC) {
     qcow2_error ("%s: Image is not in qcow2 format", filename);
     return -EINVAL;
   }
-  h->version = get_be32 (fixed + 4);
+  h->version = get_be32 (fixed + QCOW2_HDR_VERSION);
   if (h->version != 2 && h->version != 3) {
     qcow2_error ("%s: Unsupported qcow2 version %" PRIu32, filename,
                  h->version);
     return -ENOTSUP;
   }
-  h->backing_file_offset = get_be64 (fixed + 8);
-  h->backing_file_size = get_be32 (fixed + 16);
-  h->cluster_bits = get_be32 (fixed + 20);
-  h->size = get_be64 (fixed + 24);
-  h->crypt_method = get_be32 (fixed + 32);
-  h->l1_size = get_be32 (fixed + 36);
-  h->l1_table_offset = get_be64 (fixed + 40);
-  h->refcount_table_offset = get_be64 (fixed + 48);
-  h->refcount_table_clusters = get_be32 (fixed + 56);
-  h->nb_snapshots = get_be32 (fixed + 60);
-  h->snapshots_offset = get_be64 (fixed + 64);
+  h->backing_file_offset = get_be64 (fixed + QCOW2_HDR_BACKING_FILE_OFFSET);
+  h->backing_file_size = get_be32 (fixed + QCOW2_HDR_BACKING_FILE_SIZE);
+  h->cluster_bits = get_be32 (fixed + QCOW2_HDR_CLUSTER_BITS);
+  h->size = get_be64 (fixed + QCOW2_HDR_SIZE);
+  h->crypt_method = get_be32 (fixed + QCOW2_HDR_CRYPT_METHOD);
+  h->l1_size = get_be32 (fixed + QCOW2_HDR_L1_SIZE);
+  h->l1_table_offset = get_be64 (fixed + QCOW2_HDR_L1_TABLE_OFFSET);
+  h->refcount_table_offset =
+    get_be64 (fixed + QCOW2_HDR_REFCOUNT_TABLE_OFFSET);
+  h->refcount_table_clusters =
+    get_be32 (fixed + QCOW2_HDR_REFCOUNT_TABLE_CLUSTERS);
+  h->nb_snapshots = get_be32 (fixed + QCOW2_HDR_NB_SNAPSHOTS);
+  h->snapshots_offset = get_be64 (fixed + QCOW2_HDR_SNAPSHOTS_OFFSET);
 
   if (h->cluster_bits < QCOW2_MIN_CLUSTER_BITS ||
       h->cluster_bits > QCOW2_MAX_CLUSTER_BITS) {
@@ -358,11 +361,12 @@ qcow2_header_read (struct qcow2_io *io, uint64_t file_size,
       qcow2_error ("%s: file too short for a qcow2 v3 header", filename);
       return -EINVAL;
     }
-    h->incompatible_features = get_be64 (fixed + 72);
-    h->compatible_features = get_be64 (fixed + 80);
-    h->autoclear_features = get_be64 (fixed + 88);
-    h->refcount_order = get_be32 (fixed + 96);
-    h->header_length = get_be32 (fixed + 100);
+    h->incompatible_features =
+      get_be64 (fixed + QCOW2_HDR_INCOMPATIBLE_FEATURES);
+    h->compatible_features = get_be64 (fixed + QCOW2_HDR_COMPATIBLE_FEATURES);
+    h->autoclear_features = get_be64 (fixed + QCOW2_HDR_AUTOCLEAR_FEATURES);
+    h->refcount_order = get_be32 (fixed + QCOW2_HDR_REFCOUNT_ORDER);
+    h->header_length = get_be32 (fixed + QCOW2_HDR_HEADER_LENGTH);
     if (h->header_length < QCOW2_V3_MIN_HEADER_LENGTH) {
       qcow2_error ("%s: qcow2 header too short (header_length %" PRIu32 ")",
                    filename, h->header_length);
@@ -418,7 +422,7 @@ qcow2_header_read (struct qcow2_io *io, uint64_t file_size,
       r = -EINVAL;
       goto fail;
     }
-    h->compression_type = buf[104];
+    h->compression_type = buf[QCOW2_HDR_COMPRESSION_TYPE];
   }
 
   if (h->backing_file_offset != 0) {

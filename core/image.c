@@ -257,10 +257,11 @@ repair_dirty (struct qcow2_image *img)
   if (r == 0 && res.corruptions > res.corruptions_fixed)
     r = -EIO;
   if (r == 0) {
+    /* Rule 7: the repaired refcounts are durable (check.c syncs). */
     put_be64 (field, img->h.incompatible_features & ~QCOW2_INCOMPAT_DIRTY);
-    r = qcow2_io_pwrite (img->io, field, sizeof field, 72);
-    if (r == 0)
-      r = qcow2_io_flush (img->io);
+    r = qcow2_meta_write_durable (img, QCOW2_RULE_IN_PLACE, field,
+                                  sizeof field,
+                                  QCOW2_HDR_INCOMPATIBLE_FEATURES);
   }
   if (r < 0) {
     qcow2_error ("%s: Could not repair dirty image", img->filename);
@@ -347,9 +348,8 @@ qcow2_enable_write (struct qcow2_image *img)
   else if (img->h.version >= 3 && autoclear != img->h.autoclear_features) {
     unsigned char field[8];
     put_be64 (field, autoclear);
-    r = qcow2_io_pwrite (img->io, field, sizeof field, 88);
-    if (r == 0)
-      r = qcow2_io_flush (img->io);
+    r = qcow2_meta_write_durable (img, QCOW2_RULE_IN_PLACE, field,
+                                  sizeof field, QCOW2_HDR_AUTOCLEAR_FEATURES);
     if (r < 0) {
       qcow2_error ("%s: could not update the header: %s", img->filename,
                    strerror (-r));

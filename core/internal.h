@@ -541,6 +541,34 @@ int qcow2_sync_flush (struct qcow2_image *img);
 void qcow2_flusher_init (struct qcow2_flusher *f);
 void qcow2_flusher_fini (struct qcow2_flusher *f);
 
+/* durable.c: every metadata write goes through these, naming the
+ * ordering rule it follows; the rules are stated in durable.c.
+ */
+enum qcow2_rule {
+  QCOW2_RULE_ALLOC_REFCOUNT_FIRST = 1,  /* 1. allocate: refcount, user */
+  QCOW2_RULE_FREE_USER_FIRST = 2,       /* 2. free: user, refcount */
+  QCOW2_RULE_DATA_BEFORE_L2 = 3,        /* 3. data, its L2 entry */
+  QCOW2_RULE_L2_BEFORE_L1 = 4,          /* 4. L2 table, its L1 entry */
+  QCOW2_RULE_REFBLOCK_BEFORE_TABLE = 5, /* 5. refblock, its table entry */
+  QCOW2_RULE_HEADER_LAST = 6,           /* 6. new structure, header */
+  QCOW2_RULE_IN_PLACE = 7,              /* 7. valid either way */
+  QCOW2_RULE_NEW_FILE = 8,              /* 8. creating the file */
+};
+/* Write metadata bytes to img->io; durable at the next sync. */
+int qcow2_meta_write (struct qcow2_image *img, enum qcow2_rule rule,
+                      const void *buf, size_t len, uint64_t offset);
+/* Write metadata bytes to img->io, then sync: durable on success. */
+int qcow2_meta_write_durable (struct qcow2_image *img, enum qcow2_rule rule,
+                              const void *buf, size_t len, uint64_t offset);
+/* Sync img->io: everything written so far is durable on success. */
+int qcow2_meta_sync (struct qcow2_image *img, enum qcow2_rule rule);
+/* Write back the refcount cache, then sync (the "before" of rule 1). */
+int qcow2_meta_refcounts_durable (struct qcow2_image *img,
+                                  enum qcow2_rule rule);
+/* Rule 8: write a new image file's first bytes, then sync. */
+int qcow2_new_file_write_durable (struct qcow2_io *io, const void *buf,
+                                  size_t len, uint64_t offset);
+
 /* The guest clusters [*first, *first + *count) that the bytes [offset,
  * offset + len) touch, len > 0: what a request takes range locks on.
  */

@@ -174,8 +174,10 @@ qcow2_signal_corruption (struct qcow2_image *img, const char *fmt, ...)
     qcow2_error ("%s: Marking image as corrupt: %s; further writes will "
                  "fail", img->filename, msg);
     put_be64 (field, img->h.incompatible_features | QCOW2_INCOMPAT_CORRUPT);
-    if (qcow2_io_pwrite (img->io, field, sizeof field, 72) == 0)
-      qcow2_io_flush (img->io);
+    /* Best effort: writes already fail whether or not it lands. */
+    (void) qcow2_meta_write_durable (img, QCOW2_RULE_IN_PLACE, field,
+                                     sizeof field,
+                                     QCOW2_HDR_INCOMPATIBLE_FEATURES);
   }
   else
     qcow2_error ("%s: %s", img->filename, msg);

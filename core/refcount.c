@@ -20,14 +20,20 @@
  *   must grow is placed past the last refcount block, inside it;
  * - refcount table growth writes the new blocks and table beyond the end of
  *   the file, syncs them, then switches the header in one write and sync,
- *   and only then frees the old table (QEMU's order, qcow2_refcount_area);
+ *   and only then frees the old table (QEMU's order, qcow2_refcount_area;
+ *   durable.c rules 5, 6 and 2);
  * - refcount increases reach the disk before any L2 entry that uses them,
- *   because flush.c writes this cache back and syncs before the L2 cache;
+ *   because flush.c writes this cache back and syncs before the L2 cache
+ *   (durable.c rule 1);
+ * - memory follows disk: w->reftable and the overlap set learn of a new
+ *   refcount block or table only once the table entry or header that
+ *   points at it is durable;
  * - the host cluster that compressed data is being packed into
  *   (compressed_free, see compress.c) is counted by the compressed
  *   clusters in it; when its refcount drops to 0 the packer forgets it,
  *   so a cluster handed out whole never receives packed bytes.
  */
+#include <assert.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <stdlib.h>
@@ -237,17 +243,16 @@ create_refblock (struct qcow2_image *img, uint64_t index)
       set_entry (slice->data, 0, w->refcount_bits, 1);
     qcow2_cache_put (w->refblock_cache, slice);
   }
-  /* Block before table entry: write the block and sync, then the entry. */
-  r = qcow2_cache_writeback (w->refblock_cache);
-  if (r == 0)
-    r = qcow2_io_flush (img->io);
+  /* Rule 5: the block durable, then the table entry. */
+  r = qcow2_meta_refcounts_durable (img, QCOW2_RULE_REFBLOCK_BEFORE_TABLE);
   if (r == 0) {
     put_be64 (entry, offset);
-    r = qcow2_io_pwrite (img->io, entry, 8, w->reftable_offset + index * 8);
+    r = qcow2_meta_write_durable (img, QCOW2_RULE_REFBLOCK_BEFORE_TABLE,
+                                  entry, 8, w->reftable_offset + index * 8);
   }
-  if (r == 0)
-    r = qcow2_io_flush (img->io);
   if (r < 0) {
+    /* The table does not point at the block: forget its slices. */
+    qcow2_cache_discard (w->refblock_cache, offset, img->cluster_size);
     qcow2_error ("could not write a new refcount block: %s", strerror (-r));
     return r;
   }
@@ -324,22 +329,27 @@ grow_reftable (struct qcow2_image *img, uint64_t need)
     put_be64 (&table[start + b], area_offset + (b << img->cluster_bits));
   memcpy (area + (blocks << img->cluster_bits), table, entries * 8);
 
+  /* Rules 5 and 6: the blocks and the table that points at them, in
+   * fresh clusters, durable before the header points at the table.
+   */
   qcow2_cache_discard (w->refblock_cache, area_offset,
                        area_clusters << img->cluster_bits);
-  r = qcow2_io_pwrite (img->io, area, area_clusters << img->cluster_bits,
-                       area_offset);
-  if (r == 0)
-    r = qcow2_io_flush (img->io);
+  r = qcow2_meta_write_durable (img, QCOW2_RULE_HEADER_LAST, area,
+                                area_clusters << img->cluster_bits,
+                                area_offset);
   if (r < 0)
     goto io_fail;
 
+  /* Rule 6: the header's refcount_table_offset and _clusters, adjacent,
+   * in one write.
+   */
   old_offset = w->reftable_offset;
   old_clusters = div_round_up (w->reftable_entries * 8, img->cluster_size);
   put_be64 (hdr, area_offset + (blocks << img->cluster_bits));
-  put_be32 (hdr + 8, (uint32_t) table_clusters);
-  r = qcow2_io_pwrite (img->io, hdr, sizeof hdr, 48);
-  if (r == 0)
-    r = qcow2_io_flush (img->io);
+  put_be32 (hdr + QCOW2_HDR_REFCOUNT_TABLE_CLUSTERS -
+            QCOW2_HDR_REFCOUNT_TABLE_OFFSET, (uint32_t) table_clusters);
+  r = qcow2_meta_write_durable (img, QCOW2_RULE_HEADER_LAST, hdr, sizeof hdr,
+                                QCOW2_HDR_REFCOUNT_TABLE_OFFSET);
   if (r < 0)
     goto io_fail;
 
@@ -361,7 +371,9 @@ grow_reftable (struct qcow2_image *img, uint64_t need)
     r = qcow2_overlap_add (img, w->reftable_offset, entries * 8,
                            QCOW2_META_REFTABLE);
 
-  /* The header no longer points at the old table: free it now. */
+  /* Rule 2: the header no longer points at the old table, durably: free
+   * it now.
+   */
   for (uint64_t k = 0; k < old_clusters && r == 0; k++) {
     /* No longer metadata: the allocator may hand it out again. */
     qcow2_overlap_remove (img, old_offset + (k << img->cluster_bits));
@@ -487,9 +499,10 @@ alloc_past_end (struct qcow2_image *img, uint64_t n, uint64_t *first_out)
 {
   struct qcow2_writer *w = img->w;
   const uint64_t E = w->refblock_entries;
-  uint64_t start, k, last_index;
-  unsigned char entry[8];
-  int r;
+  const unsigned cb = img->cluster_bits;
+  uint64_t start, k, last_index, end, *block_index = NULL;
+  unsigned char *blocks = NULL, entry[8];
+  int r = 0;
 
   /* A container has no end to go past. */
   if (qcow2_io_is_fixed_size (img->io))
@@ -506,57 +519,81 @@ alloc_past_end (struct qcow2_image *img, uint64_t n, uint64_t *first_out)
     if (r < 0)
       return r;
   }
-  if (start + k + n > cluster_limit (img))
+  end = start + k + n;
+  if (end > cluster_limit (img))
     return no_space (img);
 
-  /* Give each blockless range one of the k clusters, in memory first so
-   * the refcounts below land in the new blocks.
-   */
-  uint64_t next = start;
-  for (uint64_t index = start / E; index <= last_index; index++) {
-    if (w->reftable[index] != 0)
-      continue;
-    uint64_t offset = next++ << img->cluster_bits;
-    for (uint64_t o = 0; o < img->cluster_size; o += img->slice_size) {
-      struct qcow2_slice *slice;
-      r = qcow2_cache_get_new (w->refblock_cache, offset + o, &slice);
-      if (r < 0)
-        return r;
-      qcow2_cache_put (w->refblock_cache, slice);
+  if (k > 0) {
+    /* Block j, at cluster start + j, serves the j-th blockless range from
+     * start / E on; built whole here, it counts the clusters of [start,
+     * end) in its range (the blocks themselves and the n clusters).
+     */
+    uint64_t j = 0;
+    blocks = calloc (k, img->cluster_size);
+    block_index = malloc (k * sizeof *block_index);
+    if (!blocks || !block_index) {
+      r = -ENOMEM;
+      goto out;
     }
-    w->reftable[index] = offset;
-    r = qcow2_overlap_add (img, offset, img->cluster_size,
-                           QCOW2_META_REFBLOCK);
-    if (r < 0)
-      return r;
+    for (uint64_t index = start / E; index <= last_index; index++)
+      if (w->reftable[index] == 0)
+        block_index[j++] = index;
+    assert (j == k);
+    for (j = 0; j < k; j++) {
+      uint64_t lo = block_index[j] * E, hi = lo + E;
+      for (uint64_t c = lo > start ? lo : start; c < hi && c < end; c++)
+        set_entry (blocks + (j << cb), (c % E) * w->refcount_bits,
+                   w->refcount_bits, 1);
+    }
   }
-  for (uint64_t c = start; c < start + k + n; c++) {
-    r = qcow2_refcount_update (img, c, 1);
-    if (r < 0)
-      return r;
-  }
-  grow_file_size (img, (start + k + n) << img->cluster_bits);
 
-  /* Blocks durable before the table entries that point at them. */
-  r = qcow2_cache_writeback (w->refblock_cache);
-  if (r == 0)
-    r = qcow2_io_flush (img->io);
-  for (uint64_t index = start / E; r == 0 && index <= last_index; index++) {
-    uint64_t off = w->reftable[index];
-    if (off >> img->cluster_bits < start ||
-        off >> img->cluster_bits >= start + k)
-      continue;
-    put_be64 (entry, off);
-    r = qcow2_io_pwrite (img->io, entry, 8, w->reftable_offset + index * 8);
+  /* Clusters in ranges that already have a block are counted there,
+   * through the cache.
+   */
+  for (uint64_t c = start; r == 0 && c < end; c++)
+    if (w->reftable[c / E] != 0)
+      r = qcow2_refcount_update (img, c, 1);
+  if (r < 0)
+    goto out;
+
+  if (k > 0) {
+    /* Rule 5: the blocks, and rule 1: the counts just made in older
+     * blocks (some count new blocks), durable; then the table entries
+     * pointing at the new blocks, durable too.
+     */
+    uint64_t j;
+    qcow2_cache_discard (w->refblock_cache, start << cb, k << cb);
+    r = qcow2_meta_write (img, QCOW2_RULE_REFBLOCK_BEFORE_TABLE, blocks,
+                          k << cb, start << cb);
+    if (r == 0)
+      r = qcow2_meta_refcounts_durable (img,
+                                        QCOW2_RULE_ALLOC_REFCOUNT_FIRST);
+    for (j = 0; r == 0 && j < k; j++) {
+      put_be64 (entry, (start + j) << cb);
+      r = qcow2_meta_write (img, QCOW2_RULE_REFBLOCK_BEFORE_TABLE, entry, 8,
+                            w->reftable_offset + block_index[j] * 8);
+    }
+    if (r == 0)
+      r = qcow2_meta_sync (img, QCOW2_RULE_REFBLOCK_BEFORE_TABLE);
+    if (r < 0) {
+      qcow2_error ("could not write new refcount blocks: %s", strerror (-r));
+      goto out;
+    }
+
+    /* Memory follows disk: only now do the blocks exist. */
+    for (j = 0; j < k; j++)
+      w->reftable[block_index[j]] = (start + j) << cb;
   }
+  grow_file_size (img, end << cb);
+  for (uint64_t j = 0; r == 0 && j < k; j++)
+    r = qcow2_overlap_add (img, (start + j) << cb, img->cluster_size,
+                           QCOW2_META_REFBLOCK);
   if (r == 0)
-    r = qcow2_io_flush (img->io);
-  if (r < 0) {
-    qcow2_error ("could not write new refcount blocks: %s", strerror (-r));
-    return r;
-  }
-  *first_out = start + k;
-  return 0;
+    *first_out = start + k;
+ out:
+  free (blocks);
+  free (block_index);
+  return r;
 }
 
 int

@@ -1,10 +1,10 @@
 /* Growing the virtual disk.
  *
  * A larger disk needs a larger L1 table.  QEMU's order
- * (qcow2_grow_l1_table): write the new table (a copy of the old entries,
- * then zeros) into fresh clusters and sync; switch the header's size,
- * l1_size and l1_table_offset in one write and sync; only then release the
- * old table.  A crash at any point leaves either the old or the new
+ * (qcow2_grow_l1_table; durable.c rules 1, 6 and 2): write the new table
+ * (a copy of the old entries, then zeros) into fresh clusters and sync;
+ * switch the header's size, l1_size and l1_table_offset in one write and
+ * sync; only then release the old table.  A crash at any point leaves either the old or the new
  * geometry, at worst with a leaked table.
  *
  * Resizing happens before the image serves requests (plugin startup,
@@ -24,12 +24,12 @@
 int
 qcow2_grow_l1 (struct qcow2_image *img, uint64_t new_size, uint32_t new_l1_size)
 {
-  struct qcow2_writer *w = img->w;
   uint64_t bytes = (uint64_t) new_l1_size * 8;
   uint64_t old_offset = img->h.l1_table_offset;
   uint64_t old_bytes = (uint64_t) img->l1_size * 8;
   uint64_t new_offset, clusters;
-  unsigned char *table, hdr[24];
+  /* size, crypt_method, l1_size, l1_table_offset: adjacent fields. */
+  unsigned char *table, hdr[QCOW2_HDR_REFCOUNT_TABLE_OFFSET - QCOW2_HDR_SIZE];
   uint64_t *l1;
   int r;
 
@@ -46,25 +46,23 @@ qcow2_grow_l1 (struct qcow2_image *img, uint64_t new_size, uint32_t new_l1_size)
   r = qcow2_alloc_clusters (img, clusters, &new_offset);
   if (r < 0)
     goto out;
-  r = qcow2_cache_writeback (w->refblock_cache);
+  /* Rule 1: the new clusters' refcounts durable; rule 6: the table
+   * durable, then the header switches to it in one write.
+   */
+  r = qcow2_meta_refcounts_durable (img, QCOW2_RULE_ALLOC_REFCOUNT_FIRST);
   if (r == 0)
-    r = qcow2_io_flush (img->io);
-  if (r == 0)
-    r = qcow2_io_pwrite (img->io, table, clusters << img->cluster_bits,
-                         new_offset);
-  if (r == 0)
-    r = qcow2_io_flush (img->io);
+    r = qcow2_meta_write_durable (img, QCOW2_RULE_HEADER_LAST, table,
+                                  clusters << img->cluster_bits, new_offset);
   if (r < 0)
     goto io_fail;
 
-  /* size (24), crypt_method (32), l1_size (36), l1_table_offset (40) */
   put_be64 (hdr, new_size);
-  put_be32 (hdr + 8, img->h.crypt_method);
-  put_be32 (hdr + 12, new_l1_size);
-  put_be64 (hdr + 16, new_offset);
-  r = qcow2_io_pwrite (img->io, hdr, sizeof hdr, 24);
-  if (r == 0)
-    r = qcow2_io_flush (img->io);
+  put_be32 (hdr + QCOW2_HDR_CRYPT_METHOD - QCOW2_HDR_SIZE,
+            img->h.crypt_method);
+  put_be32 (hdr + QCOW2_HDR_L1_SIZE - QCOW2_HDR_SIZE, new_l1_size);
+  put_be64 (hdr + QCOW2_HDR_L1_TABLE_OFFSET - QCOW2_HDR_SIZE, new_offset);
+  r = qcow2_meta_write_durable (img, QCOW2_RULE_HEADER_LAST, hdr, sizeof hdr,
+                                QCOW2_HDR_SIZE);
   if (r < 0)
     goto io_fail;
 
@@ -78,6 +76,7 @@ qcow2_grow_l1 (struct qcow2_image *img, uint64_t new_size, uint32_t new_l1_size)
   img->h.l1_table_offset = new_offset;
   img->h.size = new_size;
 
+  /* Rule 2: the header no longer points at the old table, durably. */
   r = qcow2_overlap_add (img, new_offset, bytes, QCOW2_META_L1);
   if (r == 0 && old_bytes > 0) {
     for (uint64_t o = 0; o < old_bytes; o += img->cluster_size)
@@ -105,10 +104,10 @@ qcow2_write_disk_size (struct qcow2_image *img, uint64_t size)
   unsigned char hdr[8];
   int r;
 
+  /* Rule 7: the L1 table already covers the new size. */
   put_be64 (hdr, size);
-  r = qcow2_io_pwrite (img->io, hdr, sizeof hdr, 24);
-  if (r == 0)
-    r = qcow2_io_flush (img->io);
+  r = qcow2_meta_write_durable (img, QCOW2_RULE_IN_PLACE, hdr, sizeof hdr,
+                                QCOW2_HDR_SIZE);
   if (r == 0)
     img->h.size = size;
   else

@@ -16,9 +16,9 @@
 #include "io.h"
 #include "util.h"
 
-#define SNAPSHOT_HEADER_BYTES 40
+#define SNAPSHOT_HEADER_BYTES QCOW2_SNE_FIXED_BYTES
 /* Extra data fields: vm_state_size_large, disk_size, icount. */
-#define SNAPSHOT_KNOWN_EXTRA 24
+#define SNAPSHOT_KNOWN_EXTRA QCOW2_SNE_EXTRA_KNOWN_BYTES
 
 int
 qcow2_snapshots_read (struct qcow2_io *io, uint64_t file_size,
@@ -59,15 +59,15 @@ qcow2_snapshots_read (struct qcow2_io *io, uint64_t file_size,
     r = qcow2_io_pread (io, hdr, sizeof hdr, off);
     if (r < 0)
       goto io_fail;
-    sn->l1_table_offset = get_be64 (hdr);
-    sn->l1_size = get_be32 (hdr + 8);
-    id_len = get_be16 (hdr + 12);
-    name_len = get_be16 (hdr + 14);
-    sn->date_sec = get_be32 (hdr + 16);
-    sn->date_nsec = get_be32 (hdr + 20);
-    sn->vm_clock_nsec = get_be64 (hdr + 24);
-    sn->vm_state_size = get_be32 (hdr + 32);
-    extra_size = get_be32 (hdr + 36);
+    sn->l1_table_offset = get_be64 (hdr + QCOW2_SNE_L1_TABLE_OFFSET);
+    sn->l1_size = get_be32 (hdr + QCOW2_SNE_L1_SIZE);
+    id_len = get_be16 (hdr + QCOW2_SNE_ID_SIZE);
+    name_len = get_be16 (hdr + QCOW2_SNE_NAME_SIZE);
+    sn->date_sec = get_be32 (hdr + QCOW2_SNE_DATE_SEC);
+    sn->date_nsec = get_be32 (hdr + QCOW2_SNE_DATE_NSEC);
+    sn->vm_clock_nsec = get_be64 (hdr + QCOW2_SNE_VM_CLOCK_NSEC);
+    sn->vm_state_size = get_be32 (hdr + QCOW2_SNE_VM_STATE_SIZE);
+    extra_size = get_be32 (hdr + QCOW2_SNE_EXTRA_DATA_SIZE);
 
     if (extra_size > QCOW2_MAX_SNAPSHOT_EXTRA) {
       qcow2_error ("Too much extra metadata in snapshot table entry %" PRIu32
@@ -96,15 +96,16 @@ qcow2_snapshots_read (struct qcow2_io *io, uint64_t file_size,
         goto io_fail;
     }
 
-    if (extra_size >= 8)
-      sn->vm_state_size = get_be64 (var);
-    if (extra_size >= 16) {
+    if (extra_size >= QCOW2_SNE_EXTRA_VM_STATE_SIZE_LARGE + 8)
+      sn->vm_state_size = get_be64 (var + QCOW2_SNE_EXTRA_VM_STATE_SIZE_LARGE);
+    if (extra_size >= QCOW2_SNE_EXTRA_DISK_SIZE + 8) {
       sn->has_disk_size = true;
-      sn->disk_size = get_be64 (var + 8);
+      sn->disk_size = get_be64 (var + QCOW2_SNE_EXTRA_DISK_SIZE);
     }
     else
       sn->disk_size = h->size;
-    sn->icount = extra_size >= 24 ? get_be64 (var + 16) : UINT64_MAX;
+    sn->icount = extra_size >= QCOW2_SNE_EXTRA_ICOUNT + 8
+                 ? get_be64 (var + QCOW2_SNE_EXTRA_ICOUNT) : UINT64_MAX;
     if (extra_size > SNAPSHOT_KNOWN_EXTRA) {
       sn->extra_unknown_len = extra_size - SNAPSHOT_KNOWN_EXTRA;
       sn->extra_unknown = malloc (sn->extra_unknown_len);
@@ -185,21 +186,22 @@ qcow2_snapshots_serialize (const struct qcow2_snapshot *snaps, uint32_t n,
     unsigned char *p = buf + off;
     size_t id_len = strlen (sn->id), name_len = strlen (sn->name);
 
-    put_be64 (p, sn->l1_table_offset);
-    put_be32 (p + 8, sn->l1_size);
-    put_be16 (p + 12, (uint16_t) id_len);
-    put_be16 (p + 14, (uint16_t) name_len);
-    put_be32 (p + 16, sn->date_sec);
-    put_be32 (p + 20, sn->date_nsec);
-    put_be64 (p + 24, sn->vm_clock_nsec);
+    put_be64 (p + QCOW2_SNE_L1_TABLE_OFFSET, sn->l1_table_offset);
+    put_be32 (p + QCOW2_SNE_L1_SIZE, sn->l1_size);
+    put_be16 (p + QCOW2_SNE_ID_SIZE, (uint16_t) id_len);
+    put_be16 (p + QCOW2_SNE_NAME_SIZE, (uint16_t) name_len);
+    put_be32 (p + QCOW2_SNE_DATE_SEC, sn->date_sec);
+    put_be32 (p + QCOW2_SNE_DATE_NSEC, sn->date_nsec);
+    put_be64 (p + QCOW2_SNE_VM_CLOCK_NSEC, sn->vm_clock_nsec);
     /* The 32-bit field holds the size when it fits, as QEMU writes it. */
-    put_be32 (p + 32, sn->vm_state_size > UINT32_MAX
+    put_be32 (p + QCOW2_SNE_VM_STATE_SIZE, sn->vm_state_size > UINT32_MAX
                       ? 0 : (uint32_t) sn->vm_state_size);
-    put_be32 (p + 36, SNAPSHOT_KNOWN_EXTRA + sn->extra_unknown_len);
+    put_be32 (p + QCOW2_SNE_EXTRA_DATA_SIZE,
+              SNAPSHOT_KNOWN_EXTRA + sn->extra_unknown_len);
     p += SNAPSHOT_HEADER_BYTES;
-    put_be64 (p, sn->vm_state_size);
-    put_be64 (p + 8, sn->disk_size);
-    put_be64 (p + 16, sn->icount);
+    put_be64 (p + QCOW2_SNE_EXTRA_VM_STATE_SIZE_LARGE, sn->vm_state_size);
+    put_be64 (p + QCOW2_SNE_EXTRA_DISK_SIZE, sn->disk_size);
+    put_be64 (p + QCOW2_SNE_EXTRA_ICOUNT, sn->icount);
     p += SNAPSHOT_KNOWN_EXTRA;
     if (sn->extra_unknown_len)
       memcpy (p, sn->extra_unknown, sn->extra_unknown_len);

@@ -36,9 +36,6 @@
 #include "io.h"
 #include "util.h"
 
-/* Header fields: nb_snapshots (60, 4 bytes), snapshots_offset (64). */
-#define HEADER_SNAPSHOTS 60
-
 /* Pending releases: sync when this many. */
 #define SYNC_EVERY 4096
 
@@ -227,8 +224,12 @@ release_all (struct qcow2_image *img, const uint64_t *l1, uint32_t l1_size)
 
 /* --- COPIED flags of the active tables ------------------------------ */
 
+/* Replace the active L1 table's img->l1_size entries by l1, on disk in
+ * place (rule 7: every cluster l1 reaches is already durably counted, as
+ * rule 1 asks), then in memory.
+ */
 static int
-write_active_l1 (struct qcow2_image *img)
+write_active_l1 (struct qcow2_image *img, const uint64_t *l1)
 {
   uint64_t bytes = (uint64_t) img->l1_size * 8;
   unsigned char *buf;
@@ -240,16 +241,18 @@ write_active_l1 (struct qcow2_image *img)
   if (!buf)
     return -ENOMEM;
   for (uint32_t i = 0; i < img->l1_size; i++)
-    put_be64 (buf + i * 8, img->l1[i]);
+    put_be64 (buf + i * 8, l1[i]);
   r = qcow2_overlap_check (img, img->h.l1_table_offset, bytes,
                            QCOW2_META_L1);
   if (r == 0)
-    r = qcow2_io_pwrite (img->io, buf, bytes, img->h.l1_table_offset);
-  if (r == 0)
-    r = qcow2_io_flush (img->io);
+    r = qcow2_meta_write_durable (img, QCOW2_RULE_IN_PLACE, buf, bytes,
+                                  img->h.l1_table_offset);
   if (r < 0)
     qcow2_error ("%s: could not write the L1 table: %s", img->filename,
                  strerror (-r));
+  else   /* memory follows disk */
+    for (uint32_t i = 0; i < img->l1_size; i++)
+      __atomic_store_n (&img->l1[i], l1[i], __ATOMIC_RELEASE);
   free (buf);
   return r;
 }
@@ -289,10 +292,11 @@ settle_copied (struct qcow2_image *img)
 
 /* --- The snapshot table --------------------------------------------- */
 
-/* Write snaps as the new snapshot table (QEMU's qcow2_write_snapshots):
- * into fresh clusters, synced; then the header's count and offset in one
- * write, synced; only then is the old table released.  On success the
- * image owns snaps.
+/* Write snaps as the new snapshot table (QEMU's qcow2_write_snapshots;
+ * durable.c rules 1, 6 and 2): into fresh clusters, synced; then the
+ * header's count and offset in one write, synced; only then is the old
+ * table released.  On success the image owns snaps; memory changes only
+ * then.
  */
 static int
 replace_table (struct qcow2_image *img, struct qcow2_snapshot *snaps,
@@ -311,21 +315,20 @@ replace_table (struct qcow2_image *img, struct qcow2_snapshot *snaps,
     r = qcow2_alloc_clusters (img, div_round_up (len, img->cluster_size),
                               &offset);
     if (r == 0)
-      r = qcow2_cache_writeback (img->w->refblock_cache);
+      r = qcow2_meta_refcounts_durable (img,
+                                        QCOW2_RULE_ALLOC_REFCOUNT_FIRST);
     if (r == 0)
-      r = qcow2_io_flush (img->io);
-    if (r == 0)
-      r = qcow2_io_pwrite (img->io, buf, len, offset);
-    if (r == 0)
-      r = qcow2_io_flush (img->io);
+      r = qcow2_meta_write_durable (img, QCOW2_RULE_HEADER_LAST, buf, len,
+                                    offset);
     if (r < 0)
       goto out;
   }
+  /* nb_snapshots and snapshots_offset: adjacent, one write. */
   put_be32 (hdr, n);
-  put_be64 (hdr + 4, offset);
-  r = qcow2_io_pwrite (img->io, hdr, sizeof hdr, HEADER_SNAPSHOTS);
-  if (r == 0)
-    r = qcow2_io_flush (img->io);
+  put_be64 (hdr + QCOW2_HDR_SNAPSHOTS_OFFSET - QCOW2_HDR_NB_SNAPSHOTS,
+            offset);
+  r = qcow2_meta_write_durable (img, QCOW2_RULE_HEADER_LAST, hdr, sizeof hdr,
+                                QCOW2_HDR_NB_SNAPSHOTS);
   if (r < 0)
     goto out;
 
@@ -473,9 +476,12 @@ create_locked (struct qcow2_image *img, const char *name)
     for (uint32_t i = 0; i < img->l1_size; i++)
       put_be64 (copy + i * 8, img->l1[i] & ~QCOW2_OFLAG_COPIED);
     r = qcow2_alloc_clusters (img, clusters, &l1_offset);
+    /* Rule 6: durable with the sync before the snapshot table that
+     * points at it is written (replace_table).
+     */
     if (r == 0)
-      r = qcow2_io_pwrite (img->io, copy, clusters << img->cluster_bits,
-                           l1_offset);
+      r = qcow2_meta_write (img, QCOW2_RULE_HEADER_LAST, copy,
+                            clusters << img->cluster_bits, l1_offset);
     free (copy);
     if (r < 0) {
       qcow2_error ("%s: could not write the snapshot's L1 table: %s",
@@ -599,7 +605,7 @@ apply_locked (struct qcow2_image *img, const char *name_or_id)
   unsigned l2_shift = img->cluster_bits +
                       (unsigned) __builtin_ctzll (img->l2_entries);
   const struct qcow2_snapshot *sn;
-  uint64_t *sn_l1 = NULL, *old_l1 = NULL, needed, disk_size;
+  uint64_t *sn_l1 = NULL, *old_l1 = NULL, *new_l1 = NULL, needed, disk_size;
   uint32_t sn_l1_size, old_l1_size;
   int r;
 
@@ -644,25 +650,22 @@ apply_locked (struct qcow2_image *img, const char *name_or_id)
    */
   r = reference_all (img, sn_l1, sn_l1_size);
   if (r == 0)
-    r = qcow2_cache_writeback (img->w->refblock_cache);
-  if (r == 0)
-    r = qcow2_io_flush (img->io);
+    r = qcow2_meta_refcounts_durable (img, QCOW2_RULE_ALLOC_REFCOUNT_FIRST);
   if (r < 0)
     goto out;
 
   old_l1_size = img->l1_size;
   old_l1 = malloc ((uint64_t) old_l1_size * 8 + 1);
-  if (!old_l1) {
+  new_l1 = malloc ((uint64_t) old_l1_size * 8 + 1);
+  if (!old_l1 || !new_l1) {
     r = -ENOMEM;
     goto out;
   }
   memcpy (old_l1, img->l1, (uint64_t) old_l1_size * 8);
   /* Everything the new active table reaches is shared: COPIED clear. */
-  for (uint32_t i = 0; i < img->l1_size; i++)
-    __atomic_store_n (&img->l1[i],
-                      i < sn_l1_size ? sn_l1[i] & ~QCOW2_OFLAG_COPIED : 0,
-                      __ATOMIC_RELEASE);
-  r = write_active_l1 (img);
+  for (uint32_t i = 0; i < old_l1_size; i++)
+    new_l1[i] = i < sn_l1_size ? sn_l1[i] & ~QCOW2_OFLAG_COPIED : 0;
+  r = write_active_l1 (img, new_l1);
   if (r == 0 && disk_size != img->h.size)
     r = qcow2_write_disk_size (img, disk_size);
   if (r < 0) {
@@ -687,6 +690,7 @@ apply_locked (struct qcow2_image *img, const char *name_or_id)
  out:
   free (sn_l1);
   free (old_l1);
+  free (new_l1);
   return r;
 }
 
