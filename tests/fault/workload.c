@@ -408,6 +408,19 @@ verify (struct state *st, const char *path)
   qcow2_close (img);
 }
 
+const char *
+wop_name (enum wop_kind kind)
+{
+  static const char *const names[] = {
+    [WOP_WRITE] = "write", [WOP_WRITE_FUA] = "FUA write",
+    [WOP_ZERO] = "zero", [WOP_ZERO_TRIM] = "zero with trim",
+    [WOP_TRIM] = "trim", [WOP_FLUSH] = "flush", [WOP_RESIZE] = "resize",
+    [WOP_SNAP_CREATE] = "snapshot create",
+    [WOP_SNAP_DELETE] = "snapshot delete",
+  };
+  return names[kind];
+}
+
 int
 fault_run (const struct workload *wl, struct fault_plan *plan,
            struct fault_outcome *out, int *fd_out)
@@ -421,6 +434,7 @@ fault_run (const struct workload *wl, struct fault_plan *plan,
   int fd, r;
 
   memset (out, 0, sizeof *out);
+  out->fired_in = -1;
   for (size_t i = 0; i < wl->nr_ops; i++) {
     const struct wop *op = &wl->ops[i];
     if (op->kind == WOP_RESIZE && op->length > max_size)
@@ -476,7 +490,11 @@ fault_run (const struct workload *wl, struct fault_plan *plan,
       run_op (&st, i);
       if (fired_before && out->failed_ops > failed)
         out->refused_after = true;
+      if (!fired_before && plan->fired)
+        out->fired_in = (long) i;
     }
+    if (!plan->fired)
+      out->fired_in = (long) wl->nr_ops;
     qcow2_close (st.img);
   }
   out->fired = plan->fired;

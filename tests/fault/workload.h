@@ -68,6 +68,10 @@ struct workload {
 
 struct fault_outcome {
   bool fired;                   /* = plan->fired */
+  /* Where the fault fired: the index of the operation, -1 while opening
+   * the image, nr_ops while closing it.
+   */
+  long fired_in;
   /* An operation failed after the fault had been injected: with a
    * one-shot fault the backend worked again, so the engine refused.
    */
@@ -92,5 +96,8 @@ struct fault_outcome {
  */
 int fault_run (const struct workload *wl, struct fault_plan *plan,
                struct fault_outcome *out, int *fd_out);
+
+/* "write", "flush", "snapshot create"... */
+const char *wop_name (enum wop_kind kind);
 
 #endif /* QCOW2_TEST_WORKLOAD_H */
