@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Write the seed corpus of fuzz_fault (tests/fuzz/seeds-fault/).
+"""Write the seed corpus of fuzz_fault (tests/fuzz/seeds-fuzz_fault/).
 
     /usr/bin/python3 tests/fuzz/make-fault-seeds.py [OUTDIR]
 
@@ -65,7 +65,7 @@ SEEDS = {
 
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
-    out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(here, "seeds-fault")
+    out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(here, "seeds-fuzz_fault")
     os.makedirs(out, exist_ok=True)
     for name, data in SEEDS.items():
         with open(os.path.join(out, name), "wb") as f:
