@@ -102,20 +102,41 @@ static const struct workload workload = {
 static bool have_qemu;
 
 /* What qemu-img check says about one image, worst first.  Its messages
- * tell corruptions apart: a COPIED flag clear on a cluster whose
- * refcount is 1 costs one extra copy and nothing else (snapshot_ops.c
- * documents the window, which QEMU has too); a refcount below the
- * references, or COPIED set on a shared cluster, puts data at risk.
+ * tell corruptions apart:
+ * - a COPIED flag clear on a cluster whose refcount is 1 costs one extra
+ *   copy and nothing else (snapshot_ops.c documents the window, which
+ *   QEMU has too);
+ * - COPIED set on a cluster whose refcount is above 1 while qemu-img
+ *   finds one reference only (it reports the cluster leaked): the flag
+ *   is true, the refcount is a leak;
+ * - a refcount below the references, or COPIED set on a cluster that
+ *   more than one table reaches, puts data at risk.
  */
 enum verdict {
-  V_CLEAN, V_LEAKS, V_COPIED_CLEAR, V_OTHER, V_COPIED_SHARED,
-  V_REFCOUNT_LOW, V_UNCHECKABLE, NR_VERDICTS
+  V_CLEAN, V_LEAKS, V_COPIED_CLEAR, V_COPIED_LEAKED, V_OTHER,
+  V_COPIED_SHARED, V_REFCOUNT_LOW, V_UNCHECKABLE, NR_VERDICTS
 };
 static const char *const verdict_names[NR_VERDICTS] = {
   "clean", "leaks only", "COPIED clear on refcount 1",
-  "other corruption", "COPIED set on a shared cluster",
-  "refcount below references", "qemu-img cannot check it",
+  "COPIED set on a leaked cluster (one reference)", "other corruption",
+  "COPIED set on a shared cluster", "refcount below references",
+  "qemu-img cannot check it",
 };
+
+/* Clusters qemu-img reported leaked with exactly one reference. */
+#define MAX_TRACKED_CLUSTERS (1u << 20)
+static unsigned char leaked_once[MAX_TRACKED_CLUSTERS / 8];
+
+static void
+note_leak (const char *line)
+{
+  uint64_t cluster, refcount, reference;
+
+  if (sscanf (line, "Leaked cluster %" SCNu64 " refcount=%" SCNu64
+              " reference=%" SCNu64, &cluster, &refcount, &reference) == 3 &&
+      reference == 1 && cluster < MAX_TRACKED_CLUSTERS)
+    leaked_once[cluster / 8] |= (unsigned char) (1u << (cluster % 8));
+}
 
 struct qemu_answer {
   int status;                   /* exit status: 0, 3 leaks, 2, 1 */
@@ -144,17 +165,30 @@ json_number (const char *json, const char *key)
   return p ? strtoull (p + strlen (pat), NULL, 10) : 0;
 }
 
+/* One line of qemu-img check's output (leaks are printed before the
+ * COPIED checks, so note_leak has seen them).
+ */
 static enum verdict
 classify_line (const char *line)
 {
   uint64_t refcount, reference;
-  const char *p;
+  const char *p, *e;
 
   if (strncmp (line, "ERROR", 5) != 0)
     return V_CLEAN;
-  if (strstr (line, "OFLAG_COPIED") && (p = strstr (line, "refcount=")))
-    return strtoull (p + 9, NULL, 10) == 1 ? V_COPIED_CLEAR
-           : V_COPIED_SHARED;
+  if (strstr (line, "OFLAG_COPIED") && (p = strstr (line, "refcount="))) {
+    uint64_t entry, cluster;
+    if (strtoull (p + 9, NULL, 10) == 1)
+      return V_COPIED_CLEAR;
+    e = strstr (line, "_entry=");
+    if (!e)
+      return V_COPIED_SHARED;
+    entry = strtoull (e + 7, NULL, 16);
+    cluster = (entry & UINT64_C (0x00fffffffffffe00)) / workload.cluster_size;
+    return cluster < MAX_TRACKED_CLUSTERS &&
+           leaked_once[cluster / 8] & (1u << (cluster % 8))
+           ? V_COPIED_LEAKED : V_COPIED_SHARED;
+  }
   if (sscanf (line, "ERROR cluster %*u refcount=%" SCNu64 " reference=%"
               SCNu64, &refcount, &reference) == 2 && refcount < reference)
     return V_REFCOUNT_LOW;
@@ -171,6 +205,7 @@ qemu_check (int fd, struct qemu_answer *a)
   int st;
 
   memset (a, 0, sizeof *a);
+  memset (leaked_once, 0, sizeof leaked_once);
   snprintf (cmd, sizeof cmd,
             "qemu-img check --output=json /proc/%d/fd/%d 2>&1",
             (int) getpid (), fd);
@@ -181,7 +216,9 @@ qemu_check (int fd, struct qemu_answer *a)
     return;
   }
   while (fgets (line, sizeof line, p)) {
-    enum verdict v = classify_line (line);
+    enum verdict v;
+    note_leak (line);
+    v = classify_line (line);
     if (v > a->verdict)
       a->verdict = v;
     if (v != V_CLEAN && !a->first_error[0])
