@@ -296,6 +296,9 @@ run_op (struct state *st, size_t i)
   }
   if (r < 0)
     st->out->failed_ops++;
+  if (getenv ("FAULT_TRACE"))
+    fprintf (stderr, "op %zu: %s %" PRIu64 "+%" PRIu64 " slot %u: %d\n",
+             i, wop_name (op->kind), off, len, op->slot, r);
 }
 
 /* Compare what reads back (read_fn over size bytes) with model m. */

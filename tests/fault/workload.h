@@ -23,6 +23,7 @@
  *   or gone);
  * - the engine's own check (qcow2_check) finds no corruption.
  *
+ * FAULT_TRACE=1 in the environment prints each operation and its result.
  * Everything in the workload is deterministic, so the k-th write of a
  * run with a fault is the k-th write of the run without one.
  */
