@@ -13,12 +13,14 @@
  * flush (workload.h), and both qcow2_check and `qemu-img check` find no
  * corruption; leaks are allowed.
  *
- * qemu-img checks every QEMU_EVERY-th point of each series (and the
- * first and last), 1 by default: all of them.  The first argument
- * overrides it; qcow2_check runs on every point regardless.
+ * qcow2_check runs on every point.  qemu-img check (about 30 ms a run)
+ * runs on every N-th point of each series, its first and last, and on
+ * every point that fails otherwise, to classify the failure; N is the
+ * first argument, 1 (every point) by default; meson passes 8.
  *
- * The tallies are printed at the end.  Each point that fails is printed
- * with its fault (target, mode, k) and what went wrong.
+ * The tallies are printed at the end, after the failing points grouped
+ * by fault, operation and qemu-img's verdict; each failing point is also
+ * printed as it fails.  FAULT_TRACE=1 (workload.h) traces the operations.
  */
 #include <errno.h>
 #include <inttypes.h>
