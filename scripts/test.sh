@@ -3,7 +3,8 @@
 #   1. C unit tests of the core (meson test)
 #   2. short libFuzzer runs over the core (clang, ASan+UBSan): open, read
 #      and extents (fuzz_image); check, repair, writes and snapshot
-#      operations (fuzz_write)
+#      operations (fuzz_write); a workload over a backend failing one
+#      write or flush (fuzz_fault)
 #   3. the integration suite (pytest + libnbd, QEMU as the oracle), and
 #      the command lines of examples/README.md (examples/test-examples.sh)
 #   4. the system tests: real stacks on the export (a Linux guest under
@@ -30,7 +31,7 @@ step "unit tests"
 meson test -C build --print-errorlogs
 
 if [ -z "${QUICK:-}" ] && [ -x tests/fuzz/run.sh ]; then
-  for target in fuzz_image fuzz_write; do
+  for target in fuzz_image fuzz_write fuzz_fault; do
     step "fuzzing $target for ${FUZZ_SECONDS:-60} s"
     FUZZ_TARGET=$target tests/fuzz/run.sh "${FUZZ_SECONDS:-60}"
   done

@@ -3,7 +3,7 @@
  * SPDX-License-Identifier: BSD-3-Clause (see LICENSE)
  */
 
-/* What both fuzz targets share: a silent error handler, and the filter
+/* What the fuzz targets share: a silent error handler, and the filter
  * that skips inputs whose LUKS headers would make one run take minutes.
  */
 #ifndef QCOW2_FUZZ_COMMON_H
@@ -28,7 +28,7 @@ discard_error (void *opaque, const char *message)
   (void) message;
 }
 
-static uint32_t
+static uint32_t __attribute__ ((unused))
 fuzz_be32 (const uint8_t *p)
 {
   return (uint32_t) p[0] << 24 | (uint32_t) p[1] << 16 |
@@ -40,7 +40,7 @@ fuzz_be32 (const uint8_t *p)
  * the magic, rather than parsing the qcow2 header to find the one the
  * engine will use, keeps this check trivially conservative.
  */
-static bool
+static bool __attribute__ ((unused))
 luks_too_slow (const uint8_t *data, size_t size)
 {
   static const uint8_t magic[6] = { 'L', 'U', 'K', 'S', 0xba, 0xbe };

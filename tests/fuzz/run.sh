@@ -15,8 +15,9 @@
 #   build-fuzz/tests/fuzz/TARGET ARTIFACT
 # replays it.
 #
-# FUZZ_TARGET picks the target: fuzz_image (default: open, read, extents)
-# or fuzz_write (check, write, zero, trim).  FUZZ_BUILD overrides the
+# FUZZ_TARGET picks the target: fuzz_image (default: open, read, extents),
+# fuzz_write (check, write, zero, trim) or fuzz_fault (a workload over a
+# backend that fails one write or flush).  FUZZ_BUILD overrides the
 # build directory.
 set -eu
 
@@ -37,7 +38,10 @@ fuzzer=$build/tests/fuzz/$target
 corpus=$build/fuzz-corpus-$target
 artifacts=$build/fuzz-artifacts
 mkdir -p "$corpus" "$artifacts"
-cp "$here"/seeds/* "$corpus"/
+# fuzz_fault reads workloads, not images: its own seeds.
+seeds=$here/seeds
+[ -d "$here/seeds-$target" ] && seeds=$here/seeds-$target
+cp "$seeds"/* "$corpus"/
 
 # UBSan reports are fatal, as ASan's are; leaks are checked at exit of
 # each input (libFuzzer's -detect_leaks).
