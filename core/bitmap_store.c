@@ -233,10 +233,13 @@ write_header (struct qcow2_image *img, uint32_t nb, uint64_t dir_size,
     img->h.backing_file_offset = at;
   }
   r = qcow2_overlap_check (img, 0, write_len, QCOW2_META_HEADER);
-  if (r == 0)
+  if (r == 0) {
     r = qcow2_io_pwrite (img->io, buf, write_len, 0);
-  if (r == 0)
-    r = qcow2_io_flush (img->io);
+    if (r == 0)
+      r = qcow2_io_flush (img->io);
+    if (r < 0)
+      qcow2_writer_break (img, r, "writing the header's extensions");
+  }
   if (r == 0) {
     img->h.has_bitmaps_ext = nb > 0;
     img->h.nb_bitmaps = nb;
@@ -497,11 +500,11 @@ qcow2_bitmaps_store (struct qcow2_image *img, bool final)
 
   if (!img->w || (!img->bitmaps.claimed && !img->bitmaps.changed))
     return 0;
-  if (__atomic_load_n (&img->corrupt, __ATOMIC_ACQUIRE))
+  if (qcow2_writer_state (img) == QCOW2_WRITER_BROKEN)
     return -EIO;   /* in_use stays: QEMU will not trust the bitmaps */
-  pthread_mutex_lock (&img->w->lock);
+  qcow2_writer_lock (img);
   r = store_locked (img, final);
-  pthread_mutex_unlock (&img->w->lock);
+  qcow2_writer_unlock (img);
   if (r < 0)
     qcow2_error ("%s: could not store the persistent bitmaps: %s",
                  img->filename, strerror (-r));
@@ -522,12 +525,12 @@ qcow2_bitmaps_claim (struct qcow2_image *img, uint64_t autoclear)
                  b->error);
     return -EINVAL;
   }
-  pthread_mutex_lock (&img->w->lock);
+  qcow2_writer_lock (img);
   img->h.autoclear_features = autoclear;
   r = check_clusters (img);
   if (r == 0)
     r = store_locked (img, false);
-  pthread_mutex_unlock (&img->w->lock);
+  qcow2_writer_unlock (img);
   if (r == 0)
     b->claimed = true;
   return r;

@@ -111,7 +111,7 @@ l2_allocate (struct qcow2_image *img, uint64_t l1_index)
   if (r == 0)
     r = qcow2_io_flush (img->io);
   if (r < 0) {
-    qcow2_error ("could not write a new L2 table: %s", strerror (-r));
+    qcow2_writer_break (img, r, "writing a new L2 table");
     goto out;
   }
   __atomic_store_n (&img->l1[l1_index], new_offset | QCOW2_OFLAG_COPIED,
@@ -270,11 +270,11 @@ int
 qcow2_entry_publish (struct qcow2_image *img, uint64_t guest,
                      uint64_t entry, uint64_t bitmap, bool release_old)
 {
-  pthread_mutex_lock (&img->w->lock);
+  qcow2_writer_lock (img);
   int r = publish_locked (img, guest, entry, bitmap, release_old);
   if (r == 0)
     r = maybe_sync (img);
-  pthread_mutex_unlock (&img->w->lock);
+  qcow2_writer_unlock (img);
   return r;
 }
 
@@ -285,9 +285,9 @@ qcow2_entry_lookup (struct qcow2_image *img, uint64_t guest,
   uint64_t entry, bitmap;
   int r;
 
-  pthread_mutex_lock (&img->w->lock);
+  qcow2_writer_lock (img);
   r = qcow2_l2_entry_get (img, guest, &entry, &bitmap);
-  pthread_mutex_unlock (&img->w->lock);
+  qcow2_writer_unlock (img);
   if (r == 0)
     qcow2_entry_classify (img, entry, bitmap, st);
   return r;

@@ -174,9 +174,9 @@ qcow2_write_compressed (struct qcow2_image *img, const void *buf,
     goto out;
   }
 
-  pthread_mutex_lock (&w->lock);
+  qcow2_writer_lock (img);
   r = alloc_bytes (img, clen, &host);
-  pthread_mutex_unlock (&w->lock);
+  qcow2_writer_unlock (img);
   if (r < 0)
     goto out;
   /* The descriptor has room for offsets below 2^(70 - cluster_bits)
@@ -198,9 +198,9 @@ qcow2_write_compressed (struct qcow2_image *img, const void *buf,
   }
   if (r < 0) {
     /* Nothing references the bytes: give their references back. */
-    pthread_mutex_lock (&w->lock);
+    qcow2_writer_lock (img);
     qcow2_free_later (img, host, clen);
-    pthread_mutex_unlock (&w->lock);
+    qcow2_writer_unlock (img);
     goto out;
   }
 
@@ -223,10 +223,10 @@ qcow2_write_compressed (struct qcow2_image *img, const void *buf,
    * recompressed cluster until the client flushes.
    */
   if (r == 0) {
-    pthread_mutex_lock (&w->lock);
+    qcow2_writer_lock (img);
     if (w->nr_pending >= SYNC_PENDING)
       r = qcow2_sync_metadata (img);
-    pthread_mutex_unlock (&w->lock);
+    qcow2_writer_unlock (img);
   }
 
  out:

@@ -131,11 +131,8 @@ fix_l1_entry (struct qcow2_image *img, uint32_t i, uint64_t fixed)
 
   put_be64 (e, fixed);
   r = qcow2_io_pwrite (img->io, e, 8, img->h.l1_table_offset + i * 8);
-  if (r < 0) {
-    qcow2_error ("%s: could not write the L1 table: %s", img->filename,
-                 strerror (-r));
-    return r;
-  }
+  if (r < 0)
+    return qcow2_writer_break (img, r, "writing an L1 table entry");
   __atomic_store_n (&img->l1[i], fixed, __ATOMIC_RELEASE);
   return 0;
 }

@@ -15,6 +15,12 @@
  * So a crash at any instant leaves no corruption (leaks allowed) and every
  * write acknowledged before a completed sync reads back.
  *
+ * A failed write-back or sync leaves the disk in an unknown state (a
+ * failed fdatasync may have dropped earlier dirty pages too), so it makes
+ * the image BROKEN (writer.c), and a BROKEN image is never synced again:
+ * writing L2 entries after refcount blocks that may not have reached the
+ * disk would break the order above.
+ *
  * Runs under the writer lock.
  */
 #include <errno.h>
@@ -72,6 +78,9 @@ qcow2_sync_metadata (struct qcow2_image *img)
   size_t nr_pending;
   int r;
 
+  qcow2_writer_assert_locked (img);
+  if (qcow2_writer_state (img) == QCOW2_WRITER_BROKEN)
+    return -EIO;   /* reported when it broke */
   r = qcow2_cache_writeback (w->refblock_cache);
   if (r == 0)
     r = sync_io (img);
@@ -80,11 +89,8 @@ qcow2_sync_metadata (struct qcow2_image *img)
     if (r == 0)
       r = qcow2_io_flush (img->io);
   }
-  if (r < 0) {
-    qcow2_error ("%s: could not write metadata: %s", img->filename,
-                 strerror (-r));
-    return r;
-  }
+  if (r < 0)
+    return qcow2_writer_break (img, r, "writing back metadata");
 
   /* apply_free may queue nothing new, but take the list first anyway. */
   nr_pending = w->nr_pending;

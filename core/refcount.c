@@ -246,10 +246,8 @@ create_refblock (struct qcow2_image *img, uint64_t index)
   }
   if (r == 0)
     r = qcow2_io_flush (img->io);
-  if (r < 0) {
-    qcow2_error ("could not write a new refcount block: %s", strerror (-r));
-    return r;
-  }
+  if (r < 0)
+    return qcow2_writer_break (img, r, "writing a new refcount block");
   w->reftable[index] = offset;
   grow_file_size (img, offset + img->cluster_size);
   return qcow2_overlap_add (img, offset, img->cluster_size,
@@ -369,7 +367,7 @@ grow_reftable (struct qcow2_image *img, uint64_t need)
   goto out;
 
  io_fail:
-  qcow2_error ("could not grow the refcount table: %s", strerror (-r));
+  qcow2_writer_break (img, r, "growing the refcount table");
  out:
   free (area);
   free (table);
@@ -550,10 +548,8 @@ alloc_past_end (struct qcow2_image *img, uint64_t n, uint64_t *first_out)
   }
   if (r == 0)
     r = qcow2_io_flush (img->io);
-  if (r < 0) {
-    qcow2_error ("could not write new refcount blocks: %s", strerror (-r));
-    return r;
-  }
+  if (r < 0)
+    return qcow2_writer_break (img, r, "writing new refcount blocks");
   *first_out = start + k;
   return 0;
 }

@@ -169,8 +169,9 @@ adjust_ref (struct qcow2_image *img, uint64_t first, uint64_t count,
    * increases of this operation.
    */
   if (qcow2_cache_dirty_count (img->w->refblock_cache) >=
-      QCOW2_PASS_WRITEBACK_EVERY)
-    return qcow2_cache_writeback (img->w->refblock_cache);
+      QCOW2_PASS_WRITEBACK_EVERY &&
+      (r = qcow2_cache_writeback (img->w->refblock_cache)) < 0)
+    return qcow2_writer_break (img, r, "writing back refcount blocks");
   return 0;
 }
 
@@ -243,13 +244,13 @@ write_active_l1 (struct qcow2_image *img)
     put_be64 (buf + i * 8, img->l1[i]);
   r = qcow2_overlap_check (img, img->h.l1_table_offset, bytes,
                            QCOW2_META_L1);
-  if (r == 0)
+  if (r == 0) {
     r = qcow2_io_pwrite (img->io, buf, bytes, img->h.l1_table_offset);
-  if (r == 0)
-    r = qcow2_io_flush (img->io);
-  if (r < 0)
-    qcow2_error ("%s: could not write the L1 table: %s", img->filename,
-                 strerror (-r));
+    if (r == 0)
+      r = qcow2_io_flush (img->io);
+    if (r < 0)
+      qcow2_writer_break (img, r, "writing the active L1 table");
+  }
   free (buf);
   return r;
 }
@@ -310,8 +311,9 @@ replace_table (struct qcow2_image *img, struct qcow2_snapshot *snaps,
   if (len > 0) {
     r = qcow2_alloc_clusters (img, div_round_up (len, img->cluster_size),
                               &offset);
-    if (r == 0)
-      r = qcow2_cache_writeback (img->w->refblock_cache);
+    if (r < 0)
+      goto out;
+    r = qcow2_cache_writeback (img->w->refblock_cache);
     if (r == 0)
       r = qcow2_io_flush (img->io);
     if (r == 0)
@@ -319,7 +321,7 @@ replace_table (struct qcow2_image *img, struct qcow2_snapshot *snaps,
     if (r == 0)
       r = qcow2_io_flush (img->io);
     if (r < 0)
-      goto out;
+      goto io_fail;
   }
   put_be32 (hdr, n);
   put_be64 (hdr + 4, offset);
@@ -327,7 +329,7 @@ replace_table (struct qcow2_image *img, struct qcow2_snapshot *snaps,
   if (r == 0)
     r = qcow2_io_flush (img->io);
   if (r < 0)
-    goto out;
+    goto io_fail;
 
   qcow2_snapshots_free (img->snapshots, img->nb_snapshots);
   img->snapshots = snaps;
@@ -347,6 +349,8 @@ replace_table (struct qcow2_image *img, struct qcow2_snapshot *snaps,
   free (buf);
   return 0;
 
+ io_fail:
+  qcow2_writer_break (img, r, "writing the snapshot table");
  out:
   qcow2_error ("%s: could not write the snapshot table: %s",
                img->filename, strerror (-r));
@@ -408,16 +412,16 @@ run_locked (struct qcow2_image *img, const char *what,
 {
   int r;
 
-  if (!img->w || !qcow2_is_writable (img)) {
+  if (qcow2_writer_state (img) == QCOW2_WRITER_BROKEN)
+    return qcow2_writer_refuse_broken (img);
+  if (!qcow2_is_writable (img)) {
     qcow2_error ("%s: %s a snapshot needs the image open read-write",
                  img->filename, what);
     return -EROFS;
   }
-  if ((r = qcow2_check_can_write (img)) < 0)
-    return r;
-  pthread_mutex_lock (&img->w->lock);
+  qcow2_writer_lock (img);
   r = op (img, arg);
-  pthread_mutex_unlock (&img->w->lock);
+  qcow2_writer_unlock (img);
   return r;
 }
 
@@ -643,12 +647,15 @@ apply_locked (struct qcow2_image *img, const char *name_or_id)
    * before the active L1 points at them.
    */
   r = reference_all (img, sn_l1, sn_l1_size);
-  if (r == 0)
-    r = qcow2_cache_writeback (img->w->refblock_cache);
-  if (r == 0)
-    r = qcow2_io_flush (img->io);
   if (r < 0)
     goto out;
+  r = qcow2_cache_writeback (img->w->refblock_cache);
+  if (r == 0)
+    r = qcow2_io_flush (img->io);
+  if (r < 0) {
+    qcow2_writer_break (img, r, "writing back refcount blocks");
+    goto out;
+  }
 
   old_l1_size = img->l1_size;
   old_l1 = malloc ((uint64_t) old_l1_size * 8 + 1);
@@ -666,11 +673,12 @@ apply_locked (struct qcow2_image *img, const char *name_or_id)
   if (r == 0 && disk_size != img->h.size)
     r = qcow2_write_disk_size (img, disk_size);
   if (r < 0) {
-    /* Which L1 (or size) the disk now holds is unknown: stop all
-     * writing rather than guess.
+    /* Which L1 (or size) the disk now holds is unknown: the failed
+     * write made the image BROKEN, which stops all writing rather than
+     * guess.  Whichever table the disk holds, both trees are still
+     * counted (the old one is released below, only after the switch),
+     * so the next open finds leaks at worst.
      */
-    qcow2_signal_corruption (img, "could not switch the active L1 table "
-                             "to snapshot '%s'", sn->name);
     goto out;
   }
 
