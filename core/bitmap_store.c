@@ -91,6 +91,7 @@ check_clusters (struct qcow2_image *img)
   struct cluster_list l = { 0 };
   int r;
 
+  qcow2_writer_assert_locked (img);
   r = list_add (&l, img->h.bitmap_directory_offset,
                 img->h.bitmap_directory_size, img->cluster_size);
   for (uint32_t i = 0; r == 0 && i < b->n; i++) {
@@ -425,6 +426,7 @@ store_locked (struct qcow2_image *img, bool final)
   uint64_t autoclear = img->h.autoclear_features & ~QCOW2_AUTOCLEAR_BITMAPS;
   int r = 0;
 
+  qcow2_writer_assert_locked (img);
   if (!tables || !offsets || !sizes) {
     r = -ENOMEM;
     goto out;

@@ -269,6 +269,7 @@ run_check (struct qcow2_image *img, bool repair,
   struct check x = { img, res, NULL, 0 };
   int r;
 
+  qcow2_writer_assert_locked (img);
   x.nclusters = div_round_up (img->file_size, img->cluster_size);
   x.counts = calloc (x.nclusters ? x.nclusters : 1, sizeof *x.counts);
   if (!x.counts)

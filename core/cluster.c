@@ -80,6 +80,7 @@ l2_allocate (struct qcow2_image *img, uint64_t l1_index)
   unsigned char *table, entry[8];
   int r;
 
+  qcow2_writer_assert_locked (img);
   table = calloc (1, img->cluster_size);
   if (!table)
     return -ENOMEM;
@@ -149,6 +150,7 @@ qcow2_l2_slice_for_write (struct qcow2_image *img, uint64_t guest,
   uint64_t l1e;
   int r;
 
+  qcow2_writer_assert_locked (img);
   if (l1_index >= img->l1_size) {
     qcow2_error ("guest offset %#" PRIx64 " beyond the L1 table", guest);
     return -EIO;
@@ -172,6 +174,7 @@ qcow2_l2_entry_get (struct qcow2_image *img, uint64_t guest, uint64_t *entry,
   struct qcow2_slice *slice;
   int r;
 
+  qcow2_writer_assert_locked (img);
   *entry = *bitmap = 0;
   l1e = l1_index < img->l1_size ? qcow2_l1_entry (img->l1, l1_index) : 0;
   if (!(l1e & QCOW2_L1E_OFFSET_MASK))
@@ -227,6 +230,7 @@ release_entry (struct qcow2_image *img, const struct qcow2_entry *old)
 static int
 maybe_sync (struct qcow2_image *img)
 {
+  qcow2_writer_assert_locked (img);
   if (qcow2_cache_dirty_count (img->l2_cache) >=
       qcow2_cache_dirty_limit (img->l2_cache) ||
       qcow2_cache_dirty_count (img->w->refblock_cache) >=
@@ -249,6 +253,7 @@ publish_locked (struct qcow2_image *img, uint64_t guest, uint64_t entry,
   unsigned char *p;
   int r;
 
+  qcow2_writer_assert_locked (img);
   r = qcow2_l2_slice_for_write (img, guest, &slice, &index);
   if (r < 0)
     return r;

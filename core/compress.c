@@ -57,6 +57,7 @@ claim_cluster (struct qcow2_image *img, uint64_t c)
   uint64_t index = c / w->refblock_entries, refcount;
   int r;
 
+  qcow2_writer_assert_locked (img);
   if (index >= w->reftable_entries || w->reftable[index] == 0 ||
       c >= qcow2_file_size (img) >> img->cluster_bits)
     return 0;
@@ -87,6 +88,7 @@ alloc_bytes (struct qcow2_image *img, uint64_t size, uint64_t *offset_out)
   uint64_t fresh, refcount;
   int r;
 
+  qcow2_writer_assert_locked (img);
   if (offset != 0) {
     /* A cluster whose refcount is saturated cannot take another user.
      * (One that dropped to 0 was forgotten by refcount.c.)

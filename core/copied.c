@@ -141,6 +141,7 @@ int
 qcow2_copied_pass (struct qcow2_image *img, enum qcow2_copied_mode mode,
                    uint64_t *wrong)
 {
+  qcow2_writer_assert_locked (img);
   *wrong = 0;
   for (uint32_t i = 0; i < img->l1_size; i++) {
     uint64_t l1e = img->l1[i], l2 = l1e & QCOW2_L1E_OFFSET_MASK;

@@ -301,7 +301,9 @@ add_encryption (const struct qcow2_create_options *o, struct qcow2_image *img)
     img->h.has_crypto_ext = true;
     img->h.crypto_offset = offset;
     img->h.crypto_length = area_len;
+    qcow2_writer_lock (img);
     r = qcow2_overlap_add (img, offset, area_len, QCOW2_META_CRYPTO);
+    qcow2_writer_unlock (img);
   }
   qcow2_crypt_free (crypt);
   free (area);

@@ -669,6 +669,8 @@ qcow2_l2_store_pair (struct qcow2_image *img, unsigned char *p,
 {
   unsigned seq = __atomic_load_n (&img->l2_seq, __ATOMIC_RELAXED);
 
+  qcow2_writer_assert_locked (img);
+  assert (!(seq & 1));   /* no other writer is between its two stores */
   __atomic_store_n (&img->l2_seq, seq + 1, __ATOMIC_RELAXED);
   /* Release stores: a reader that sees either new word also sees the
    * odd count.
@@ -741,6 +743,7 @@ qcow2_compressed_cluster_freed (struct qcow2_image *img, uint64_t cluster)
 {
   struct qcow2_writer *w = img->w;
 
+  qcow2_writer_assert_locked (img);
   if (w->compressed_free != 0 &&
       w->compressed_free >> img->cluster_bits == cluster)
     w->compressed_free = 0;

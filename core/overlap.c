@@ -102,6 +102,7 @@ qcow2_overlap_add (struct qcow2_image *img, uint64_t offset, uint64_t len,
   struct qcow2_overlap *o = img->w->overlap;
   int r = 0;
 
+  qcow2_writer_assert_locked (img);
   if (len == 0)
     return 0;
   pthread_rwlock_wrlock (&o->lock);
@@ -133,6 +134,7 @@ qcow2_overlap_remove (struct qcow2_image *img, uint64_t offset)
   uint64_t key = (offset >> img->cluster_bits) + 1;
   size_t s;
 
+  qcow2_writer_assert_locked (img);
   pthread_rwlock_wrlock (&o->lock);
   if (o->capacity == 0)
     goto out;
@@ -237,6 +239,7 @@ qcow2_overlap_init (struct qcow2_image *img)
   const uint64_t cs = img->cluster_size;
   int r;
 
+  qcow2_writer_assert_locked (img);
   w->overlap = calloc (1, sizeof *w->overlap);
   if (!w->overlap)
     return -ENOMEM;

@@ -33,6 +33,7 @@ qcow2_grow_l1 (struct qcow2_image *img, uint64_t new_size, uint32_t new_l1_size)
   uint64_t *l1;
   int r;
 
+  qcow2_writer_assert_locked (img);
   clusters = div_round_up (bytes, img->cluster_size);
   table = calloc (clusters, img->cluster_size);
   l1 = malloc (bytes ? bytes : 1);
@@ -104,6 +105,7 @@ qcow2_write_disk_size (struct qcow2_image *img, uint64_t size)
   unsigned char hdr[8];
   int r;
 
+  qcow2_writer_assert_locked (img);
   put_be64 (hdr, size);
   r = qcow2_io_pwrite (img->io, hdr, sizeof hdr, 24);
   if (r == 0)

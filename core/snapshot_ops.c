@@ -435,6 +435,7 @@ create_locked (struct qcow2_image *img, const char *name)
   struct timespec now;
   int r;
 
+  qcow2_writer_assert_locked (img);
   if (img->external_data) {
     qcow2_error ("%s: internal snapshots are not supported with an "
                  "external data file", img->filename);
@@ -552,6 +553,7 @@ qcow2_snapshot_create (struct qcow2_image *img, const char *name)
 static int
 delete_locked (struct qcow2_image *img, const char *name_or_id)
 {
+  qcow2_writer_assert_locked (img);
   int64_t index = qcow2_snapshot_lookup (img, name_or_id);
   uint32_t n = img->nb_snapshots;
   struct qcow2_snapshot *snaps, victim;
@@ -599,6 +601,7 @@ qcow2_snapshot_delete (struct qcow2_image *img, const char *name_or_id)
 static int
 apply_locked (struct qcow2_image *img, const char *name_or_id)
 {
+  qcow2_writer_assert_locked (img);
   int64_t index = qcow2_snapshot_lookup (img, name_or_id);
   unsigned l2_shift = img->cluster_bits +
                       (unsigned) __builtin_ctzll (img->l2_entries);
