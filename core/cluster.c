@@ -95,6 +95,7 @@ l2_allocate (struct qcow2_image *img, uint64_t l1_index)
   r = qcow2_alloc_clusters (img, 1, &new_offset);
   if (r < 0)
     goto out;
+  assert (is_aligned (new_offset, img->cluster_size));
   qcow2_cache_discard (img->l2_cache, new_offset, img->cluster_size);
 
   r = qcow2_cache_writeback (w->refblock_cache);
@@ -257,6 +258,7 @@ publish_locked (struct qcow2_image *img, uint64_t guest, uint64_t entry,
   r = qcow2_l2_slice_for_write (img, guest, &slice, &index);
   if (r < 0)
     return r;
+  assert (index < img->slice_entries);
   p = slice->data + index * img->l2_entry_bytes;
   qcow2_entry_classify (img, qcow2_l2_load (p),
                   img->extended_l2 ? qcow2_l2_load (p + 8) : 0, &old);

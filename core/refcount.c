@@ -410,7 +410,10 @@ qcow2_refcount_update (struct qcow2_image *img, uint64_t cluster, int delta)
     if (r < 0)
       return r;
   }
+  /* The cluster has a refcount block now. */
+  assert (index < w->reftable_entries && w->reftable[index] != 0);
   locate (img, cluster, &slice_offset, &bit);
+  assert (slice_offset != 0);
   r = qcow2_cache_get (w->refblock_cache, slice_offset, &slice);
   if (r < 0) {
     qcow2_error ("could not read refcount block at %#" PRIx64 ": %s",
@@ -624,6 +627,8 @@ qcow2_alloc_clusters (struct qcow2_image *img, uint64_t n,
   }
   w->free_hint = run_start + n;
   *offset_out = run_start << img->cluster_bits;
+  /* Cluster 0 is the header: counted, and in the overlap set. */
+  assert (*offset_out != 0);
   grow_file_size (img, (run_start + n) << img->cluster_bits);
   return 0;
 }
