@@ -93,6 +93,7 @@ check_clusters (struct qcow2_image *img)
   struct cluster_list l = { 0 };
   int r;
 
+  qcow2_writer_assert_locked (img);
   r = list_add (&l, img->h.bitmap_directory_offset,
                 img->h.bitmap_directory_size, img->cluster_size);
   for (uint32_t i = 0; r == 0 && i < b->n; i++) {
@@ -433,6 +434,7 @@ store_locked (struct qcow2_image *img, bool final, uint64_t autoclear)
   uint64_t old_dir_size = img->h.bitmap_directory_size;
   int r = 0;
 
+  qcow2_writer_assert_locked (img);
   if (!tables || !offsets || !sizes) {
     r = -ENOMEM;
     goto out;
@@ -509,11 +511,11 @@ qcow2_bitmaps_store (struct qcow2_image *img, bool final)
 
   if (!img->w || (!img->bitmaps.claimed && !img->bitmaps.changed))
     return 0;
-  if (__atomic_load_n (&img->corrupt, __ATOMIC_ACQUIRE))
+  if (qcow2_writer_state (img) == QCOW2_WRITER_BROKEN)
     return -EIO;   /* in_use stays: QEMU will not trust the bitmaps */
-  pthread_mutex_lock (&img->w->lock);
+  qcow2_writer_lock (img);
   r = store_locked (img, final, img->h.autoclear_features);
-  pthread_mutex_unlock (&img->w->lock);
+  qcow2_writer_unlock (img);
   if (r < 0)
     qcow2_error ("%s: could not store the persistent bitmaps: %s",
                  img->filename, strerror (-r));
@@ -534,12 +536,12 @@ qcow2_bitmaps_claim (struct qcow2_image *img, uint64_t autoclear)
                  b->error);
     return -EINVAL;
   }
-  pthread_mutex_lock (&img->w->lock);
+  qcow2_writer_lock (img);
   r = check_clusters (img);
   /* img->h changes with the header write (memory follows disk). */
   if (r == 0)
     r = store_locked (img, false, autoclear);
-  pthread_mutex_unlock (&img->w->lock);
+  qcow2_writer_unlock (img);
   if (r == 0)
     b->claimed = true;
   return r;

@@ -1,6 +1,7 @@
 /* Bounded, sharded, LRU metadata slice cache.  See cache.h for the
  * invariants.
  */
+#include <assert.h>
 #include <errno.h>
 #include <pthread.h>
 #include <stdbool.h>
@@ -197,6 +198,7 @@ take_free_slice (struct qcow2_cache *c, struct shard *s)
 static void
 unpin_locked (struct slice *e)
 {
+  assert (e->pins > 0);   /* every put matches a get */
   e->pins--;
   if (e->pins == 0 && !e->hashed)
     slice_free (e);

@@ -269,6 +269,7 @@ run_check (struct qcow2_image *img, bool repair,
   struct check x = { img, res, NULL, 0 };
   int r;
 
+  qcow2_writer_assert_locked (img);
   x.nclusters = div_round_up (img->file_size, img->cluster_size);
   x.counts = calloc (x.nclusters ? x.nclusters : 1, sizeof *x.counts);
   if (!x.counts)
@@ -320,18 +321,24 @@ qcow2_check (struct qcow2_image *img, bool repair,
     return -EROFS;
   }
   if (borrowed) {
-    /* A read-only check reads refcounts through the writer's tables. */
+    /* A read-only check reads refcounts through the writer's tables,
+     * under its lock like every user of them.
+     */
     memset (&temp, 0, sizeof temp);
+    pthread_mutex_init (&temp.lock, NULL);
     img->w = &temp;
+    qcow2_writer_lock (img);
     r = qcow2_refcount_init (img);
     if (r == 0)
       r = run_check (img, false, res);
     qcow2_refcount_fini (img);
+    qcow2_writer_unlock (img);
     img->w = NULL;
+    pthread_mutex_destroy (&temp.lock);
     return r;
   }
-  pthread_mutex_lock (&img->w->lock);
+  qcow2_writer_lock (img);
   r = run_check (img, repair, res);
-  pthread_mutex_unlock (&img->w->lock);
+  qcow2_writer_unlock (img);
   return r;
 }

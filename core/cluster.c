@@ -79,6 +79,7 @@ l2_allocate (struct qcow2_image *img, uint64_t l1_index)
   unsigned char *table, entry[8];
   int r;
 
+  qcow2_writer_assert_locked (img);
   table = calloc (1, img->cluster_size);
   if (!table)
     return -ENOMEM;
@@ -93,6 +94,7 @@ l2_allocate (struct qcow2_image *img, uint64_t l1_index)
   r = qcow2_alloc_clusters (img, 1, &new_offset);
   if (r < 0)
     goto out;
+  assert (is_aligned (new_offset, img->cluster_size));
   qcow2_cache_discard (img->l2_cache, new_offset, img->cluster_size);
 
   /* Rule 1: the table's refcount durable; rule 4: then the table, then
@@ -108,7 +110,7 @@ l2_allocate (struct qcow2_image *img, uint64_t l1_index)
                                   img->h.l1_table_offset + l1_index * 8);
   }
   if (r < 0) {
-    qcow2_error ("could not write a new L2 table: %s", strerror (-r));
+    qcow2_writer_break (img, r, "writing a new L2 table");
     goto out;
   }
   __atomic_store_n (&img->l1[l1_index], new_offset | QCOW2_OFLAG_COPIED,
@@ -146,6 +148,7 @@ qcow2_l2_slice_for_write (struct qcow2_image *img, uint64_t guest,
   uint64_t l1e;
   int r;
 
+  qcow2_writer_assert_locked (img);
   if (l1_index >= img->l1_size) {
     qcow2_error ("guest offset %#" PRIx64 " beyond the L1 table", guest);
     return -EIO;
@@ -169,6 +172,7 @@ qcow2_l2_entry_get (struct qcow2_image *img, uint64_t guest, uint64_t *entry,
   struct qcow2_slice *slice;
   int r;
 
+  qcow2_writer_assert_locked (img);
   *entry = *bitmap = 0;
   l1e = l1_index < img->l1_size ? qcow2_l1_entry (img->l1, l1_index) : 0;
   if (!(l1e & QCOW2_L1E_OFFSET_MASK))
@@ -224,6 +228,7 @@ release_entry (struct qcow2_image *img, const struct qcow2_entry *old)
 static int
 maybe_sync (struct qcow2_image *img)
 {
+  qcow2_writer_assert_locked (img);
   if (qcow2_cache_dirty_count (img->l2_cache) >=
       qcow2_cache_dirty_limit (img->l2_cache) ||
       qcow2_cache_dirty_count (img->w->refblock_cache) >=
@@ -246,9 +251,11 @@ publish_locked (struct qcow2_image *img, uint64_t guest, uint64_t entry,
   unsigned char *p;
   int r;
 
+  qcow2_writer_assert_locked (img);
   r = qcow2_l2_slice_for_write (img, guest, &slice, &index);
   if (r < 0)
     return r;
+  assert (index < img->slice_entries);
   p = slice->data + index * img->l2_entry_bytes;
   qcow2_entry_classify (img, qcow2_l2_load (p),
                   img->extended_l2 ? qcow2_l2_load (p + 8) : 0, &old);
@@ -267,11 +274,11 @@ int
 qcow2_entry_publish (struct qcow2_image *img, uint64_t guest,
                      uint64_t entry, uint64_t bitmap, bool release_old)
 {
-  pthread_mutex_lock (&img->w->lock);
+  qcow2_writer_lock (img);
   int r = publish_locked (img, guest, entry, bitmap, release_old);
   if (r == 0)
     r = maybe_sync (img);
-  pthread_mutex_unlock (&img->w->lock);
+  qcow2_writer_unlock (img);
   return r;
 }
 
@@ -282,9 +289,9 @@ qcow2_entry_lookup (struct qcow2_image *img, uint64_t guest,
   uint64_t entry, bitmap;
   int r;
 
-  pthread_mutex_lock (&img->w->lock);
+  qcow2_writer_lock (img);
   r = qcow2_l2_entry_get (img, guest, &entry, &bitmap);
-  pthread_mutex_unlock (&img->w->lock);
+  qcow2_writer_unlock (img);
   if (r == 0)
     qcow2_entry_classify (img, entry, bitmap, st);
   return r;

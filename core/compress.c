@@ -57,6 +57,7 @@ claim_cluster (struct qcow2_image *img, uint64_t c)
   uint64_t index = c / w->refblock_entries, refcount;
   int r;
 
+  qcow2_writer_assert_locked (img);
   if (index >= w->reftable_entries || w->reftable[index] == 0 ||
       c >= qcow2_file_size (img) >> img->cluster_bits)
     return 0;
@@ -87,6 +88,7 @@ alloc_bytes (struct qcow2_image *img, uint64_t size, uint64_t *offset_out)
   uint64_t fresh, refcount;
   int r;
 
+  qcow2_writer_assert_locked (img);
   if (offset != 0) {
     /* A cluster whose refcount is saturated cannot take another user.
      * (One that dropped to 0 was forgotten by refcount.c.)
@@ -174,9 +176,9 @@ qcow2_write_compressed (struct qcow2_image *img, const void *buf,
     goto out;
   }
 
-  pthread_mutex_lock (&w->lock);
+  qcow2_writer_lock (img);
   r = alloc_bytes (img, clen, &host);
-  pthread_mutex_unlock (&w->lock);
+  qcow2_writer_unlock (img);
   if (r < 0)
     goto out;
   /* The descriptor has room for offsets below 2^(70 - cluster_bits)
@@ -198,9 +200,9 @@ qcow2_write_compressed (struct qcow2_image *img, const void *buf,
   }
   if (r < 0) {
     /* Nothing references the bytes: give their references back. */
-    pthread_mutex_lock (&w->lock);
+    qcow2_writer_lock (img);
     qcow2_free_later (img, host, clen);
-    pthread_mutex_unlock (&w->lock);
+    qcow2_writer_unlock (img);
     goto out;
   }
 
@@ -223,10 +225,10 @@ qcow2_write_compressed (struct qcow2_image *img, const void *buf,
    * recompressed cluster until the client flushes.
    */
   if (r == 0) {
-    pthread_mutex_lock (&w->lock);
+    qcow2_writer_lock (img);
     if (w->nr_pending >= SYNC_PENDING)
       r = qcow2_sync_metadata (img);
-    pthread_mutex_unlock (&w->lock);
+    qcow2_writer_unlock (img);
   }
 
  out:

@@ -115,8 +115,9 @@ pass_l2 (struct qcow2_image *img, enum qcow2_copied_mode mode, uint64_t l2,
     qcow2_cache_put (img->l2_cache, slice);
     if (r == 0 && mode == QCOW2_COPIED_SETTLE &&
         qcow2_cache_dirty_count (img->l2_cache) >=
-        QCOW2_PASS_WRITEBACK_EVERY)
-      r = qcow2_cache_writeback (img->l2_cache);
+        QCOW2_PASS_WRITEBACK_EVERY &&
+        (r = qcow2_cache_writeback (img->l2_cache)) < 0)
+      return qcow2_writer_break (img, r, "writing back L2 tables");
     if (r < 0)
       return r;
   }
@@ -146,6 +147,7 @@ int
 qcow2_copied_pass (struct qcow2_image *img, enum qcow2_copied_mode mode,
                    uint64_t *wrong)
 {
+  qcow2_writer_assert_locked (img);
   *wrong = 0;
   for (uint32_t i = 0; i < img->l1_size; i++) {
     uint64_t l1e = img->l1[i], l2 = l1e & QCOW2_L1E_OFFSET_MASK;

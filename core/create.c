@@ -272,12 +272,12 @@ add_encryption (const struct qcow2_create_options *o, struct qcow2_image *img)
   r = qcow2_crypt_create_luks (&p, o->passphrase, &area, &area_len, &crypt);
   if (r < 0)
     return r;
-  pthread_mutex_lock (&img->w->lock);
+  qcow2_writer_lock (img);
   r = qcow2_alloc_clusters (img, div_round_up (area_len, img->cluster_size),
                             &offset);
   if (r == 0)
     r = qcow2_sync_metadata (img);
-  pthread_mutex_unlock (&img->w->lock);
+  qcow2_writer_unlock (img);
   /* Rule 1 (the sync above), then rule 6: the LUKS area durable, then the
    * header that points at it.
    */
@@ -304,7 +304,9 @@ add_encryption (const struct qcow2_create_options *o, struct qcow2_image *img)
     img->h.has_crypto_ext = true;
     img->h.crypto_offset = offset;
     img->h.crypto_length = area_len;
+    qcow2_writer_lock (img);
     r = qcow2_overlap_add (img, offset, area_len, QCOW2_META_CRYPTO);
+    qcow2_writer_unlock (img);
   }
   qcow2_crypt_free (crypt);
   free (area);
@@ -331,9 +333,9 @@ preallocate (struct qcow2_image *img)
     if (img->external_data)
       host = c << img->cluster_bits;
     else {
-      pthread_mutex_lock (&img->w->lock);
+      qcow2_writer_lock (img);
       r = qcow2_alloc_clusters (img, n, &host);
-      pthread_mutex_unlock (&img->w->lock);
+      qcow2_writer_unlock (img);
     }
     for (uint64_t i = 0; r == 0 && i < n; i++)
       r = qcow2_entry_publish (img, (c + i) << img->cluster_bits,

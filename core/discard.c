@@ -278,7 +278,7 @@ qcow2_zero (struct qcow2_image *img, uint64_t len, uint64_t offset,
   /* Refuse a fast zero that would need data written before changing
    * anything: partial clusters, or a v2 image over a backing file.
    */
-  if (fast_only && img->w) {
+  if (fast_only && qcow2_is_writable (img)) {
     uint64_t unit = img->extended_l2 ? img->subcluster_size
                                      : img->cluster_size;
     if (!is_aligned (offset, unit) || !is_aligned (offset + len, unit) ||

@@ -47,7 +47,8 @@
  *
  * Every failure passes through metadata_write_failed: after a failed
  * write or sync the disk may hold the old bytes, the new ones, or a mix,
- * and earlier unsynced writes may be lost.
+ * and earlier unsynced writes may be lost, so the image becomes BROKEN
+ * (writer.c) and writes nothing more.
  *
  * Callers hold the writer lock, or own the image alone (opening,
  * creating, closing).
@@ -66,9 +67,23 @@
 static int
 metadata_write_failed (struct qcow2_image *img, enum qcow2_rule rule, int r)
 {
-  (void) img;
-  (void) rule;
+  static const char *const what[] = {
+    [QCOW2_RULE_ALLOC_REFCOUNT_FIRST] = "making refcounts durable (rule 1)",
+    [QCOW2_RULE_FREE_USER_FIRST] = "writing metadata before a free (rule 2)",
+    [QCOW2_RULE_DATA_BEFORE_L2] = "writing data before its L2 entry (rule 3)",
+    [QCOW2_RULE_L2_BEFORE_L1] = "writing an L2 table or its L1 entry "
+                                "(rule 4)",
+    [QCOW2_RULE_REFBLOCK_BEFORE_TABLE] = "writing a refcount block or its "
+                                         "table entry (rule 5)",
+    [QCOW2_RULE_HEADER_LAST] = "writing a new table or the header (rule 6)",
+    [QCOW2_RULE_IN_PLACE] = "rewriting metadata in place (rule 7)",
+    [QCOW2_RULE_NEW_FILE] = "writing the new image (rule 8)",
+  };
+
   assert (r < 0);
+  /* What the disk holds is unknown: no more metadata may follow. */
+  if (img)
+    qcow2_writer_break (img, r, what[rule]);
   return r;
 }
 

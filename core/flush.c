@@ -53,6 +53,12 @@
  * run's result.  Engine syncs under the writer lock (qcow2_sync_metadata)
  * may run between (a) and (c); they apply only the frees queued after (a),
  * after their own step 2, so the argument above holds for them too.
+ *
+ * A failed write-back or sync leaves the disk in an unknown state (a
+ * failed fdatasync may have dropped earlier dirty pages too), so it makes
+ * the image BROKEN (writer.c), and a BROKEN image is never synced again:
+ * writing L2 entries after refcount blocks that may not have reached the
+ * disk would break the order above.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -120,13 +126,6 @@ apply_frees (struct qcow2_image *img, const struct qcow2_pending_free *f,
   return 0;
 }
 
-static void
-report (struct qcow2_image *img, int r)
-{
-  qcow2_error ("%s: could not write metadata: %s", img->filename,
-               strerror (-r));
-}
-
 int
 qcow2_sync_metadata (struct qcow2_image *img)
 {
@@ -134,6 +133,9 @@ qcow2_sync_metadata (struct qcow2_image *img)
   size_t nr_pending;
   int r;
 
+  qcow2_writer_assert_locked (img);
+  if (qcow2_writer_state (img) == QCOW2_WRITER_BROKEN)
+    return -EIO;   /* reported when it broke */
   r = qcow2_cache_writeback (w->refblock_cache);
   if (r == 0)
     r = sync_io (img);
@@ -142,10 +144,8 @@ qcow2_sync_metadata (struct qcow2_image *img)
     if (r == 0)
       r = qcow2_io_flush (img->io);
   }
-  if (r < 0) {
-    report (img, r);
-    return r;
-  }
+  if (r < 0)
+    return qcow2_writer_break (img, r, "writing back metadata");
 
   /* apply_free may queue nothing new, but take the list first anyway. */
   nr_pending = w->nr_pending;
@@ -164,7 +164,11 @@ flush_once (struct qcow2_image *img)
   int r;
 
   /* (a) */
-  pthread_mutex_lock (&w->lock);
+  qcow2_writer_lock (img);
+  if (qcow2_writer_state (img) == QCOW2_WRITER_BROKEN) {
+    qcow2_writer_unlock (img);
+    return qcow2_writer_refuse_broken (img);
+  }
   r = qcow2_cache_writeback (w->refblock_cache);
   if (r == 0 && qcow2_cache_dirty_count (img->l2_cache) > 0) {
     r = sync_io (img);
@@ -179,22 +183,24 @@ flush_once (struct qcow2_image *img)
     w->pending = NULL;
     w->nr_pending = w->cap_pending = 0;
   }
-  pthread_mutex_unlock (&w->lock);
+  if (r < 0)
+    r = qcow2_writer_break (img, r, "writing back metadata");
+  qcow2_writer_unlock (img);
+  if (r < 0)
+    return r;
 
   /* (b) */
-  if (r == 0)
-    r = data_synced ? qcow2_io_flush (img->io) : sync_io (img);
+  r = data_synced ? qcow2_io_flush (img->io) : sync_io (img);
   if (r < 0) {
-    report (img, r);
     free (frees);               /* leaked on disk: see the head comment */
-    return r;
+    return qcow2_writer_break (img, r, "syncing the image");
   }
 
   /* (c) */
   if (nr_frees > 0) {
-    pthread_mutex_lock (&w->lock);
+    qcow2_writer_lock (img);
     r = apply_frees (img, frees, nr_frees);
-    pthread_mutex_unlock (&w->lock);
+    qcow2_writer_unlock (img);
   }
   free (frees);
   return r;

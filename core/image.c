@@ -3,7 +3,10 @@
  * Opening reads and validates the header, the active L1 table and the
  * snapshot table, unlocks encryption, opens the external data file and the
  * backing chain, and sizes the L2 cache.  After qcow2_image_open returns,
- * struct qcow2_image is immutable; every request only reads it.
+ * struct qcow2_image is immutable except for what writing changes (see
+ * internal.h) and the writer state, whose READ_ONLY -> ENABLING ->
+ * WRITABLE transitions are made here (qcow2_enable_write) and listed in
+ * writer.c.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -62,7 +65,7 @@ qcow2_may_write (const struct qcow2_image *img)
 {
   return !(img->h.incompatible_features & QCOW2_INCOMPAT_CORRUPT) &&
          !img->bitmaps.error &&
-         !__atomic_load_n (&img->corrupt, __ATOMIC_ACQUIRE) &&
+         qcow2_writer_state (img) != QCOW2_WRITER_BROKEN &&
          qcow2_io_is_writable (img->io) &&
          (img->data_io == img->io || qcow2_io_is_writable (img->data_io));
 }
@@ -70,7 +73,7 @@ qcow2_may_write (const struct qcow2_image *img)
 bool
 qcow2_is_writable (const struct qcow2_image *img)
 {
-  return __atomic_load_n (&img->writable, __ATOMIC_ACQUIRE);
+  return qcow2_writer_state (img) == QCOW2_WRITER_WRITABLE;
 }
 
 static void
@@ -217,15 +220,16 @@ open_data_file (struct qcow2_image *img, const struct qcow2_open_options *opts,
   return r;
 }
 
-/* QEMU-compatible locks on the image file and its data file. */
+/* QEMU-compatible locks on the image file and its data file, when the
+ * user asked for them (lock_files).
+ */
 static int
-take_locks (struct qcow2_image *img, bool enable, bool writable)
+take_locks (struct qcow2_image *img, bool writable)
 {
   struct qcow2_io *ios[2] = { img->io, img->data_io };
   int r;
 
-  img->locked = enable;
-  if (!enable)
+  if (!img->lock_files)
     return 0;
   for (int i = 0; i < (img->data_io != img->io ? 2 : 1); i++) {
     int fd = ios[i]->ops->fd ? ios[i]->ops->fd (ios[i]) : -1;
@@ -235,16 +239,28 @@ take_locks (struct qcow2_image *img, bool enable, bool writable)
   return 0;
 }
 
+/* Before a cache writes a slice back: never once the image is BROKEN
+ * (writer.c), and never over metadata of another kind.
+ */
+static int
+check_cache_write (struct qcow2_image *img, uint64_t offset, size_t len,
+                   enum qcow2_metadata_kind kind)
+{
+  if (qcow2_writer_state (img) == QCOW2_WRITER_BROKEN)
+    return -EIO;
+  return qcow2_overlap_check (img, offset, len, kind);
+}
+
 static int
 check_l2_write (void *img, uint64_t offset, size_t len)
 {
-  return qcow2_overlap_check (img, offset, len, QCOW2_META_L2);
+  return check_cache_write (img, offset, len, QCOW2_META_L2);
 }
 
 static int
 check_refblock_write (void *img, uint64_t offset, size_t len)
 {
-  return qcow2_overlap_check (img, offset, len, QCOW2_META_REFBLOCK);
+  return check_cache_write (img, offset, len, QCOW2_META_REFBLOCK);
 }
 
 static int
@@ -287,6 +303,9 @@ free_writer (struct qcow2_image *img, struct qcow2_writer *w)
   img->w = saved == w ? NULL : saved;
 }
 
+/* READ_ONLY -> ENABLING -> WRITABLE (writer.c); on failure back to
+ * READ_ONLY, or BROKEN if a metadata write failed on the way.
+ */
 int
 qcow2_enable_write (struct qcow2_image *img)
 {
@@ -294,8 +313,18 @@ qcow2_enable_write (struct qcow2_image *img)
   uint64_t autoclear;
   int r;
 
-  if (img->w)
+  switch (qcow2_writer_state (img)) {
+  case QCOW2_WRITER_WRITABLE:
     return 0;
+  case QCOW2_WRITER_BROKEN:
+    return qcow2_writer_refuse_broken (img);
+  case QCOW2_WRITER_ENABLING:
+    assert (!"qcow2_enable_write: callers serialise calls");
+    return -EBUSY;
+  case QCOW2_WRITER_READ_ONLY:
+    break;
+  }
+  assert (img->w == NULL);
   if (img->h.incompatible_features & QCOW2_INCOMPAT_CORRUPT) {
     qcow2_error ("%s: Image is corrupt; cannot be opened read/write",
                  img->filename);
@@ -307,7 +336,7 @@ qcow2_enable_write (struct qcow2_image *img)
                  "writing", img->filename);
     return -EROFS;
   }
-  r = take_locks (img, img->locked, true);
+  r = take_locks (img, true);
   if (r < 0)
     return r;
 
@@ -316,10 +345,13 @@ qcow2_enable_write (struct qcow2_image *img)
     return -ENOMEM;
   pthread_mutex_init (&w->lock, NULL);
   qcow2_flusher_init (&w->flusher);
+  qcow2_writer_transition (img, QCOW2_WRITER_ENABLING);
   img->w = w;
+  qcow2_writer_lock (img);
   r = qcow2_refcount_init (img);
   if (r == 0)
     r = qcow2_overlap_init (img);
+  qcow2_writer_unlock (img);
   if (r < 0)
     goto fail;
   qcow2_cache_set_write_check (img->l2_cache, check_l2_write, img);
@@ -351,19 +383,23 @@ qcow2_enable_write (struct qcow2_image *img)
     r = qcow2_meta_write_durable (img, QCOW2_RULE_IN_PLACE, field,
                                   sizeof field, QCOW2_HDR_AUTOCLEAR_FEATURES);
     if (r < 0) {
-      qcow2_error ("%s: could not update the header: %s", img->filename,
-                   strerror (-r));
+      qcow2_writer_break (img, r, "clearing autoclear bits in the header");
       goto fail;
     }
     img->h.autoclear_features = autoclear;
   }
   /* Only now may requests write. */
-  __atomic_store_n (&img->writable, true, __ATOMIC_RELEASE);
+  qcow2_writer_transition (img, QCOW2_WRITER_WRITABLE);
   return 0;
 
  fail:
   img->w = NULL;
   free_writer (img, w);
+  /* Unless a metadata write failed on the way (BROKEN, which stays), a
+   * later call may try again.
+   */
+  if (qcow2_writer_state (img) == QCOW2_WRITER_ENABLING)
+    qcow2_writer_transition (img, QCOW2_WRITER_READ_ONLY);
   return r;
 }
 
@@ -382,6 +418,9 @@ qcow2_image_open (struct qcow2_io *io, const struct qcow2_open_options *opts,
     qcow2_io_close (io);
     return -ENOMEM;
   }
+  pthread_mutex_init (&img->state_lock, NULL);
+  img->state = QCOW2_WRITER_READ_ONLY;
+  img->lock_files = opts->lock;
   img->io = io;
   img->data_io = io;
   img->filename = strdup (filename);
@@ -424,7 +463,7 @@ qcow2_image_open (struct qcow2_io *io, const struct qcow2_open_options *opts,
       (r = open_data_file (img, opts,
                            chain->depth == 1 ? QCOW2_IO_PREFER_WRITE
                                              : QCOW2_IO_READ_ONLY)) < 0 ||
-      (r = take_locks (img, opts->lock, false)) < 0 ||
+      (r = take_locks (img, false)) < 0 ||
       (r = qcow2_backing_open (img, opts, chain)) < 0)
     goto fail;
   if (opts->writable && (r = qcow2_enable_write (img)) < 0)
@@ -475,7 +514,10 @@ qcow2_close (struct qcow2_image *img)
 {
   if (!img)
     return;
-  if (img->w) {
+  /* A BROKEN image gets no more writes: what is on disk stays as the
+   * failure left it, for the next open (and qemu-img check) to judge.
+   */
+  if (img->w && qcow2_writer_state (img) != QCOW2_WRITER_BROKEN) {
     /* Bitmaps are stored with in_use cleared; a failure leaves in_use
      * set, which QEMU treats as inconsistent: safe.
      */
@@ -483,12 +525,13 @@ qcow2_close (struct qcow2_image *img)
     /* Two syncs: the second writes the refcount decrements that the
      * first applied.  Failures were reported; nothing more to do.
      */
-    pthread_mutex_lock (&img->w->lock);
+    qcow2_writer_lock (img);
     if (qcow2_sync_metadata (img) == 0)
       qcow2_sync_metadata (img);
-    pthread_mutex_unlock (&img->w->lock);
-    free_writer (img, img->w);
+    qcow2_writer_unlock (img);
   }
+  if (img->w)
+    free_writer (img, img->w);
   qcow2_backing_close (img);
   if (img->data_io != img->io)
     qcow2_io_close (img->data_io);
@@ -502,5 +545,6 @@ qcow2_close (struct qcow2_image *img)
   qcow2_io_close (img->io);
   free (img->filename);
   free (img->realpath);
+  pthread_mutex_destroy (&img->state_lock);
   free (img);
 }

@@ -16,6 +16,7 @@
 #ifndef QCOW2_INTERNAL_H
 #define QCOW2_INTERNAL_H
 
+#include <assert.h>
 #include <endian.h>
 #include <pthread.h>
 #include <sched.h>
@@ -164,11 +165,31 @@ struct qcow2_flusher {
   bool running;
 };
 
+/* Whether an image may be written (writer.c has the transitions). */
+enum qcow2_writer_state {
+  QCOW2_WRITER_READ_ONLY,   /* opened read-only: writes fail with EROFS */
+  QCOW2_WRITER_ENABLING,    /* qcow2_enable_write is building the writer:
+                             * requests do not write yet */
+  QCOW2_WRITER_WRITABLE,    /* requests write */
+  QCOW2_WRITER_BROKEN,      /* a metadata write or sync failed with an
+                             * unknown outcome, or corruption was found
+                             * (the image is then also marked corrupt on
+                             * disk): writes fail with EIO, reads work,
+                             * until the image is reopened */
+};
+
 /* State of an image opened for writing.  Everything here is protected by
- * `lock`, the metadata lock, which is never held across guest data I/O.
+ * `lock`, the metadata lock ("the writer lock"), which is never held
+ * across guest data I/O.  Take it only with qcow2_writer_lock and
+ * qcow2_writer_unlock, so that functions that need it can say so with
+ * qcow2_writer_assert_locked.
  */
 struct qcow2_writer {
   pthread_mutex_t lock;
+#ifndef NDEBUG
+  pthread_t holder;               /* the thread holding `lock`, or 0 (for
+                                   * qcow2_writer_assert_locked) */
+#endif
   uint64_t *reftable;             /* host byte order */
   uint64_t reftable_entries;
   uint64_t reftable_offset;
@@ -266,16 +287,100 @@ struct qcow2_image {
   struct qcow2_bitmaps bitmaps; /* top image only; changed only while no
                                  * request runs, except the bits */
 
-  struct qcow2_writer *w;        /* NULL when read-only */
-  bool writable;                /* w is complete: requests may write */
-  bool corrupt;                 /* marked corrupt: writes fail */
-  bool locked;                  /* holds QEMU-compatible image locks */
+  /* Whether requests may write: see writer.c for the states and the
+   * transitions between them.  Read with qcow2_writer_state (any thread),
+   * changed only by writer.c.
+   */
+  enum qcow2_writer_state state;
+  pthread_mutex_t state_lock;   /* serialises transitions; broken_reason */
+  char broken_reason[256];      /* BROKEN: why, for later refusals */
+  /* The writer's tables: set on entering ENABLING, kept while WRITABLE
+   * and after breaking from it (until close), NULL otherwise, except
+   * that a read-only qcow2_check borrows a temporary one.
+   */
+  struct qcow2_writer *w;
+  bool lock_files;              /* take QEMU-compatible image locks: shared
+                                 * ones while READ_ONLY, write locks from
+                                 * ENABLING on */
 
   enum qcow2_backing_kind backing_kind;
   struct qcow2_image *backing;  /* BACKING_QCOW2 */
   struct qcow2_io *backing_raw; /* BACKING_RAW */
   uint64_t backing_size;        /* bytes readable from below; zeros past it */
 };
+
+/* writer.c: the writer state and the writer lock. */
+
+static inline enum qcow2_writer_state
+qcow2_writer_state (const struct qcow2_image *img)
+{
+  return __atomic_load_n (&img->state, __ATOMIC_ACQUIRE);
+}
+
+/* Move img to state `to`.  Only the transitions in writer.c's table are
+ * allowed (an internal invariant: asserted).
+ */
+void qcow2_writer_transition (struct qcow2_image *img,
+                              enum qcow2_writer_state to);
+
+/* A metadata write or sync (`what`) failed with err, so what the disk
+ * holds is unknown: move img to BROKEN (reported once, with err) unless
+ * it is already.  Returns err, for `return qcow2_writer_break (...)`.
+ */
+int qcow2_writer_break (struct qcow2_image *img, int err, const char *what);
+
+/* Corruption was found (overlap.c): move img to BROKEN with reason
+ * `why`.  True if this call did it, false if img was already BROKEN.
+ */
+bool qcow2_writer_break_corrupt (struct qcow2_image *img, const char *why);
+
+/* -EIO, with one message saying why img is BROKEN. */
+int qcow2_writer_refuse_broken (struct qcow2_image *img);
+
+static inline void
+qcow2_writer_lock (struct qcow2_image *img)
+{
+  struct qcow2_writer *w = img->w;
+
+#ifndef NDEBUG
+  assert (!pthread_equal (__atomic_load_n (&w->holder, __ATOMIC_RELAXED),
+                          pthread_self ()));   /* not recursive */
+#endif
+  pthread_mutex_lock (&w->lock);
+#ifndef NDEBUG
+  __atomic_store_n (&w->holder, pthread_self (), __ATOMIC_RELAXED);
+#endif
+}
+
+static inline void
+qcow2_writer_unlock (struct qcow2_image *img)
+{
+  struct qcow2_writer *w = img->w;
+
+#ifndef NDEBUG
+  assert (pthread_equal (__atomic_load_n (&w->holder, __ATOMIC_RELAXED),
+                         pthread_self ()));
+  __atomic_store_n (&w->holder, (pthread_t) 0, __ATOMIC_RELAXED);
+#endif
+  pthread_mutex_unlock (&w->lock);
+}
+
+/* For functions that run under the writer lock: in builds with assertions
+ * (debug, sanitizers), check that this thread holds it.  Only the holder
+ * stores its own id, and it clears it before unlocking, so no other
+ * thread can see its id there.
+ */
+static inline void
+qcow2_writer_assert_locked (const struct qcow2_image *img)
+{
+#ifndef NDEBUG
+  assert (img->w != NULL);
+  assert (pthread_equal (__atomic_load_n (&img->w->holder, __ATOMIC_RELAXED),
+                         pthread_self ()));
+#else
+  (void) img;
+#endif
+}
 
 /* map.c: one run of guest bytes that share a kind. */
 enum qcow2_run_kind {
@@ -428,8 +533,8 @@ int qcow2_entry_lookup (struct qcow2_image *img, uint64_t guest,
 int qcow2_entry_publish (struct qcow2_image *img, uint64_t guest,
                          uint64_t entry, uint64_t bitmap, bool release_old);
 
-/* write.c: 0 if requests may change the image; else the error, reported
- * (read-only: -EROFS; marked corrupt: -EIO).
+/* write.c: 0 if requests may change the image (it is WRITABLE); else the
+ * error, reported (read-only or being enabled: -EROFS; BROKEN: -EIO).
  */
 int qcow2_check_can_write (struct qcow2_image *img);
 
@@ -609,6 +714,8 @@ qcow2_l2_store_pair (struct qcow2_image *img, unsigned char *p,
 {
   unsigned seq = __atomic_load_n (&img->l2_seq, __ATOMIC_RELAXED);
 
+  qcow2_writer_assert_locked (img);
+  assert (!(seq & 1));   /* no other writer is between its two stores */
   __atomic_store_n (&img->l2_seq, seq + 1, __ATOMIC_RELAXED);
   /* Release stores: a reader that sees either new word also sees the
    * odd count.
@@ -681,6 +788,7 @@ qcow2_compressed_cluster_freed (struct qcow2_image *img, uint64_t cluster)
 {
   struct qcow2_writer *w = img->w;
 
+  qcow2_writer_assert_locked (img);
   if (w->compressed_free != 0 &&
       w->compressed_free >> img->cluster_bits == cluster)
     w->compressed_free = 0;

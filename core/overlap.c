@@ -10,7 +10,8 @@
  * L2 tables, the snapshot table and the snapshots' L1 tables, the LUKS
  * header, and the persistent bitmaps' directory, tables and data (entered
  * by bitmap_store.c; QEMU checks only the directory).  On a hit the image is marked corrupt (incompatible bit 1), the
- * write fails with EIO, and so does every later write.
+ * write fails with EIO, and the image is BROKEN (writer.c): every later
+ * write fails too.
  *
  * The set maps a cluster index to the kinds of metadata it holds (a bit
  * mask: one cluster holding two kinds is itself corruption).  It changes
@@ -101,6 +102,7 @@ qcow2_overlap_add (struct qcow2_image *img, uint64_t offset, uint64_t len,
   struct qcow2_overlap *o = img->w->overlap;
   int r = 0;
 
+  qcow2_writer_assert_locked (img);
   if (len == 0)
     return 0;
   pthread_rwlock_wrlock (&o->lock);
@@ -132,6 +134,7 @@ qcow2_overlap_remove (struct qcow2_image *img, uint64_t offset)
   uint64_t key = (offset >> img->cluster_bits) + 1;
   size_t s;
 
+  qcow2_writer_assert_locked (img);
   pthread_rwlock_wrlock (&o->lock);
   if (o->capacity == 0)
     goto out;
@@ -170,7 +173,7 @@ qcow2_signal_corruption (struct qcow2_image *img, const char *fmt, ...)
   vsnprintf (msg, sizeof msg, fmt, ap);
   va_end (ap);
 
-  if (!__atomic_exchange_n (&img->corrupt, true, __ATOMIC_ACQ_REL)) {
+  if (qcow2_writer_break_corrupt (img, msg)) {
     qcow2_error ("%s: Marking image as corrupt: %s; further writes will "
                  "fail", img->filename, msg);
     put_be64 (field, img->h.incompatible_features | QCOW2_INCOMPAT_CORRUPT);
@@ -238,6 +241,7 @@ qcow2_overlap_init (struct qcow2_image *img)
   const uint64_t cs = img->cluster_size;
   int r;
 
+  qcow2_writer_assert_locked (img);
   w->overlap = calloc (1, sizeof *w->overlap);
   if (!w->overlap)
     return -ENOMEM;

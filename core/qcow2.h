@@ -86,8 +86,8 @@ void qcow2_close (struct qcow2_image *image);
 
 /* Make an image opened read-only writable: take the write locks, clear
  * the autoclear bits we do not maintain, load the refcount table.  Refuses
- * corrupt and dirty images.  Callers serialise calls; reads may run
- * meanwhile.
+ * corrupt images and broken ones (see qcow2_flush).  Callers serialise
+ * calls; reads may run meanwhile.
  */
 int qcow2_enable_write (struct qcow2_image *image);
 
@@ -133,13 +133,23 @@ struct qcow2_check_result {
 int qcow2_check (struct qcow2_image *image, bool repair,
                  struct qcow2_check_result *result);
 
-/* Make every completed write durable. */
+/* Make every completed write durable.
+ *
+ * When a metadata write or sync fails (here or in any other call), what
+ * the disk holds is unknown: the image is then broken, and every later
+ * write, zero, trim, flush or change fails with -EIO and one message
+ * saying why, while reads keep working, until it is closed and opened
+ * again.  Corruption found while writing (a write that would land on
+ * metadata) does the same, and marks the image corrupt on disk.
+ */
 int qcow2_flush (struct qcow2_image *image);
 
+/* May requests write now (writing enabled, image not broken)? */
 bool qcow2_is_writable (const struct qcow2_image *image);
 
-/* Could qcow2_enable_write succeed?  False for a read-only file and for
- * an image marked corrupt; lock conflicts show only when enabling.
+/* Could qcow2_enable_write succeed?  False for a read-only file, for an
+ * image marked corrupt and for a broken one; lock conflicts show only
+ * when enabling.
  */
 bool qcow2_may_write (const struct qcow2_image *image);
 

@@ -53,6 +53,7 @@ qcow2_refcount_init (struct qcow2_image *img)
                    img->cluster_size;
   int r;
 
+  qcow2_writer_assert_locked (img);
   w->refcount_bits = 1u << img->h.refcount_order;
   w->refcount_max = w->refcount_bits == 64 ? UINT64_MAX
                     : (1ull << w->refcount_bits) - 1;
@@ -165,6 +166,7 @@ qcow2_refcount_get (struct qcow2_image *img, uint64_t cluster,
   uint64_t slice_offset, bit;
   int r;
 
+  qcow2_writer_assert_locked (img);
   locate (img, cluster, &slice_offset, &bit);
   if (slice_offset == 0) {
     *refcount = 0;
@@ -230,6 +232,7 @@ create_refblock (struct qcow2_image *img, uint64_t index)
   struct qcow2_slice *slice;
   int r;
 
+  qcow2_writer_assert_locked (img);
   if (first >= cluster_limit (img))
     return no_space (img);
   /* The new block starts as zeros in the cache; its own refcount is
@@ -277,6 +280,7 @@ grow_reftable (struct qcow2_image *img, uint64_t need)
   uint64_t *table = NULL;
   int r;
 
+  qcow2_writer_assert_locked (img);
   /* First refblock range at or past the end of the file with no block;
    * in a container, the first past the last block (nothing is used
    * there: a range without a block has no used cluster).
@@ -382,7 +386,7 @@ grow_reftable (struct qcow2_image *img, uint64_t need)
   goto out;
 
  io_fail:
-  qcow2_error ("could not grow the refcount table: %s", strerror (-r));
+  qcow2_writer_break (img, r, "growing the refcount table");
  out:
   free (area);
   free (table);
@@ -398,6 +402,7 @@ qcow2_refcount_update (struct qcow2_image *img, uint64_t cluster, int delta)
   uint64_t slice_offset, bit, v;
   int r;
 
+  qcow2_writer_assert_locked (img);
   /* Without a refcount block the refcount is 0, so a decrement is an
    * underflow: say so before creating anything.  Otherwise releasing a
    * cluster that a hostile L2 entry places far past the end of the file
@@ -420,7 +425,10 @@ qcow2_refcount_update (struct qcow2_image *img, uint64_t cluster, int delta)
     if (r < 0)
       return r;
   }
+  /* The cluster has a refcount block now. */
+  assert (index < w->reftable_entries && w->reftable[index] != 0);
   locate (img, cluster, &slice_offset, &bit);
+  assert (slice_offset != 0);
   r = qcow2_cache_get (w->refblock_cache, slice_offset, &slice);
   if (r < 0) {
     qcow2_error ("could not read refcount block at %#" PRIx64 ": %s",
@@ -454,6 +462,7 @@ qcow2_refcount_set (struct qcow2_image *img, uint64_t cluster, uint64_t value)
   uint64_t slice_offset, bit;
   int r;
 
+  qcow2_writer_assert_locked (img);
   if (value > w->refcount_max)
     return -EINVAL;
   if (value == 0 &&
@@ -504,6 +513,7 @@ alloc_past_end (struct qcow2_image *img, uint64_t n, uint64_t *first_out)
   unsigned char *blocks = NULL, entry[8];
   int r = 0;
 
+  qcow2_writer_assert_locked (img);
   /* A container has no end to go past. */
   if (qcow2_io_is_fixed_size (img->io))
     return no_space (img);
@@ -604,6 +614,7 @@ qcow2_alloc_clusters (struct qcow2_image *img, uint64_t n,
   uint64_t i, run_start = 0, run_len;
   int r;
 
+  qcow2_writer_assert_locked (img);
   if (n >= w->refblock_entries) {
     /* No run this long exists where blocks start every range. */
     r = alloc_past_end (img, n, &run_start);
@@ -662,6 +673,8 @@ qcow2_alloc_clusters (struct qcow2_image *img, uint64_t n,
   *offset_out = run_start << img->cluster_bits;
   QCOW2_DEBUG (alloc, "%s: %" PRIu64 " clusters at 0x%" PRIx64,
                img->filename, n, *offset_out);
+  /* Cluster 0 is the header: counted, and in the overlap set. */
+  assert (*offset_out != 0);
   grow_file_size (img, (run_start + n) << img->cluster_bits);
   return 0;
 }
@@ -672,6 +685,7 @@ qcow2_alloc_clusters_try (struct qcow2_image *img, uint64_t n,
 {
   int r;
 
+  qcow2_writer_assert_locked (img);
   img->w->enospc_quiet = true;
   r = qcow2_alloc_clusters (img, n, offset_out);
   img->w->enospc_quiet = false;
@@ -683,6 +697,7 @@ qcow2_free_later (struct qcow2_image *img, uint64_t offset, uint64_t len)
 {
   struct qcow2_writer *w = img->w;
 
+  qcow2_writer_assert_locked (img);
   if (w->nr_pending == w->cap_pending) {
     size_t cap = w->cap_pending ? w->cap_pending * 2 : 64;
     struct qcow2_pending_free *p = realloc (w->pending, cap * sizeof *p);

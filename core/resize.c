@@ -33,6 +33,7 @@ qcow2_grow_l1 (struct qcow2_image *img, uint64_t new_size, uint32_t new_l1_size)
   uint64_t *l1;
   int r;
 
+  qcow2_writer_assert_locked (img);
   clusters = div_round_up (bytes, img->cluster_size);
   table = calloc (clusters, img->cluster_size);
   l1 = malloc (bytes ? bytes : 1);
@@ -90,8 +91,7 @@ qcow2_grow_l1 (struct qcow2_image *img, uint64_t new_size, uint32_t new_l1_size)
   goto out;
 
  io_fail:
-  qcow2_error ("%s: could not grow the L1 table: %s", img->filename,
-               strerror (-r));
+  qcow2_writer_break (img, r, "growing the L1 table");
  out:
   free (table);
   free (l1);
@@ -105,14 +105,14 @@ qcow2_write_disk_size (struct qcow2_image *img, uint64_t size)
   int r;
 
   /* Rule 7: the L1 table already covers the new size. */
+  qcow2_writer_assert_locked (img);
   put_be64 (hdr, size);
   r = qcow2_meta_write_durable (img, QCOW2_RULE_IN_PLACE, hdr, sizeof hdr,
                                 QCOW2_HDR_SIZE);
   if (r == 0)
     img->h.size = size;
   else
-    qcow2_error ("%s: could not update the header: %s", img->filename,
-                 strerror (-r));
+    qcow2_writer_break (img, r, "writing the disk size to the header");
   return r;
 }
 
@@ -124,7 +124,9 @@ qcow2_resize (struct qcow2_image *img, uint64_t new_size)
   uint64_t needed;
   int r;
 
-  if (!img->w || !qcow2_is_writable (img)) {
+  if (qcow2_writer_state (img) == QCOW2_WRITER_BROKEN)
+    return qcow2_writer_refuse_broken (img);
+  if (!qcow2_is_writable (img)) {
     qcow2_error ("%s: resizing needs the image open read-write",
                  img->filename);
     return -EROFS;
@@ -164,12 +166,12 @@ qcow2_resize (struct qcow2_image *img, uint64_t new_size)
   r = qcow2_bitmaps_resize_check (img, new_size);
   if (r < 0)
     return r;
-  pthread_mutex_lock (&img->w->lock);
+  qcow2_writer_lock (img);
   if (needed > img->l1_size)
     r = qcow2_grow_l1 (img, new_size, (uint32_t) needed);
   else
     r = qcow2_write_disk_size (img, new_size);  /* the table covers it */
-  pthread_mutex_unlock (&img->w->lock);
+  qcow2_writer_unlock (img);
   if (r == 0)
     r = qcow2_bitmaps_resize (img, new_size);
   return r;

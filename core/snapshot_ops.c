@@ -166,8 +166,9 @@ adjust_ref (struct qcow2_image *img, uint64_t first, uint64_t count,
    * increases of this operation.
    */
   if (qcow2_cache_dirty_count (img->w->refblock_cache) >=
-      QCOW2_PASS_WRITEBACK_EVERY)
-    return qcow2_cache_writeback (img->w->refblock_cache);
+      QCOW2_PASS_WRITEBACK_EVERY &&
+      (r = qcow2_cache_writeback (img->w->refblock_cache)) < 0)
+    return qcow2_writer_break (img, r, "writing back refcount blocks");
   return 0;
 }
 
@@ -321,7 +322,7 @@ replace_table (struct qcow2_image *img, struct qcow2_snapshot *snaps,
       r = qcow2_meta_write_durable (img, QCOW2_RULE_HEADER_LAST, buf, len,
                                     offset);
     if (r < 0)
-      goto out;
+      goto io_fail;
   }
   /* nb_snapshots and snapshots_offset: adjacent, one write. */
   put_be32 (hdr, n);
@@ -330,7 +331,7 @@ replace_table (struct qcow2_image *img, struct qcow2_snapshot *snaps,
   r = qcow2_meta_write_durable (img, QCOW2_RULE_HEADER_LAST, hdr, sizeof hdr,
                                 QCOW2_HDR_NB_SNAPSHOTS);
   if (r < 0)
-    goto out;
+    goto io_fail;
 
   qcow2_snapshots_free (img->snapshots, img->nb_snapshots);
   img->snapshots = snaps;
@@ -350,6 +351,8 @@ replace_table (struct qcow2_image *img, struct qcow2_snapshot *snaps,
   free (buf);
   return 0;
 
+ io_fail:
+  qcow2_writer_break (img, r, "writing the snapshot table");
  out:
   qcow2_error ("%s: could not write the snapshot table: %s",
                img->filename, strerror (-r));
@@ -411,16 +414,16 @@ run_locked (struct qcow2_image *img, const char *what,
 {
   int r;
 
-  if (!img->w || !qcow2_is_writable (img)) {
+  if (qcow2_writer_state (img) == QCOW2_WRITER_BROKEN)
+    return qcow2_writer_refuse_broken (img);
+  if (!qcow2_is_writable (img)) {
     qcow2_error ("%s: %s a snapshot needs the image open read-write",
                  img->filename, what);
     return -EROFS;
   }
-  if ((r = qcow2_check_can_write (img)) < 0)
-    return r;
-  pthread_mutex_lock (&img->w->lock);
+  qcow2_writer_lock (img);
   r = op (img, arg);
-  pthread_mutex_unlock (&img->w->lock);
+  qcow2_writer_unlock (img);
   return r;
 }
 
@@ -434,6 +437,7 @@ create_locked (struct qcow2_image *img, const char *name)
   struct timespec now;
   int r;
 
+  qcow2_writer_assert_locked (img);
   if (img->external_data) {
     qcow2_error ("%s: internal snapshots are not supported with an "
                  "external data file", img->filename);
@@ -554,6 +558,7 @@ qcow2_snapshot_create (struct qcow2_image *img, const char *name)
 static int
 delete_locked (struct qcow2_image *img, const char *name_or_id)
 {
+  qcow2_writer_assert_locked (img);
   int64_t index = qcow2_snapshot_lookup (img, name_or_id);
   uint32_t n = img->nb_snapshots;
   struct qcow2_snapshot *snaps, victim;
@@ -601,6 +606,7 @@ qcow2_snapshot_delete (struct qcow2_image *img, const char *name_or_id)
 static int
 apply_locked (struct qcow2_image *img, const char *name_or_id)
 {
+  qcow2_writer_assert_locked (img);
   int64_t index = qcow2_snapshot_lookup (img, name_or_id);
   unsigned l2_shift = img->cluster_bits +
                       (unsigned) __builtin_ctzll (img->l2_entries);
@@ -669,11 +675,12 @@ apply_locked (struct qcow2_image *img, const char *name_or_id)
   if (r == 0 && disk_size != img->h.size)
     r = qcow2_write_disk_size (img, disk_size);
   if (r < 0) {
-    /* Which L1 (or size) the disk now holds is unknown: stop all
-     * writing rather than guess.
+    /* Which L1 (or size) the disk now holds is unknown: the failed
+     * write made the image BROKEN, which stops all writing rather than
+     * guess.  Whichever table the disk holds, both trees are still
+     * counted (the old one is released below, only after the switch),
+     * so the next open finds leaks at worst.
      */
-    qcow2_signal_corruption (img, "could not switch the active L1 table "
-                             "to snapshot '%s'", sn->name);
     goto out;
   }
 

@@ -111,18 +111,23 @@ write_host (struct qcow2_image *img, const unsigned char *buf, uint64_t len,
   return r;
 }
 
+/* The writer state (writer.c), not img->w: that is set while writing is
+ * still being enabled, before the refcounts are loaded.
+ */
 int
 qcow2_check_can_write (struct qcow2_image *img)
 {
-  if (!img->w) {
-    qcow2_error ("%s: the image is open read-only", img->filename);
-    return -EROFS;
+  switch (qcow2_writer_state (img)) {
+  case QCOW2_WRITER_WRITABLE:
+    return 0;
+  case QCOW2_WRITER_BROKEN:
+    return qcow2_writer_refuse_broken (img);
+  case QCOW2_WRITER_READ_ONLY:
+  case QCOW2_WRITER_ENABLING:
+    break;
   }
-  if (__atomic_load_n (&img->corrupt, __ATOMIC_ACQUIRE)) {
-    qcow2_error ("%s: the image is marked corrupt", img->filename);
-    return -EIO;
-  }
-  return 0;
+  qcow2_error ("%s: the image is open read-only", img->filename);
+  return -EROFS;
 }
 
 /* Write in place the prefix of [offset, offset + len) that is exclusively
@@ -162,10 +167,10 @@ new_clusters (struct qcow2_image *img, uint64_t guest, uint64_t n,
     *host = guest;
     return 0;
   }
-  pthread_mutex_lock (&img->w->lock);
+  qcow2_writer_lock (img);
   r = n > 1 ? qcow2_alloc_clusters_try (img, n, host)   /* see below */
             : qcow2_alloc_clusters (img, n, host);
-  pthread_mutex_unlock (&img->w->lock);
+  qcow2_writer_unlock (img);
   return r;
 }
 
@@ -406,12 +411,20 @@ qcow2_write (struct qcow2_image *img, const void *buf, uint64_t len,
 int
 qcow2_flush (struct qcow2_image *img)
 {
-  /* Not img->w: writing may be enabled by another thread right now (the
-   * plugin does it at the first write), and img->w is set before the
-   * writer is complete.  `writable` is published last: until it is set
-   * nothing was written, so there is nothing to flush.
+  /* The writer state, not img->w: writing may be enabled by another
+   * thread right now (the plugin does it at the first write), and img->w
+   * is set before the writer is complete.  Until the state is WRITABLE
+   * nothing was written, so there is nothing to flush; once BROKEN,
+   * nothing written since the last successful flush can be made durable.
    */
-  if (!qcow2_is_writable (img))
+  switch (qcow2_writer_state (img)) {
+  case QCOW2_WRITER_READ_ONLY:
+  case QCOW2_WRITER_ENABLING:
     return 0;
+  case QCOW2_WRITER_BROKEN:
+    return qcow2_writer_refuse_broken (img);
+  case QCOW2_WRITER_WRITABLE:
+    break;
+  }
   return qcow2_sync_flush (img);
 }
