@@ -25,6 +25,7 @@
 #include "cache.h"
 #include "internal.h"
 #include "io.h"
+#include "l2.h"
 #include "util.h"
 
 struct check {

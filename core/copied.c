@@ -27,6 +27,7 @@
 #include "cache.h"
 #include "internal.h"
 #include "io.h"
+#include "l2.h"
 #include "util.h"
 
 static uint64_t
@@ -155,7 +156,7 @@ qcow2_copied_pass (struct qcow2_image *img, enum qcow2_copied_mode mode,
     if (!qcow2_l2_offset_ok (img, l2)) {
       if (mode != QCOW2_COPIED_SETTLE)
         continue;       /* the refcount pass reports it */
-      return qcow2_l2_offset_check (img, l2);
+      return qcow2_l2_offset_check (img, l2, i);
     }
     r = refcount_is_one (img, mode, l2 >> img->cluster_bits, &one, &judged);
     if (r < 0)

@@ -481,23 +481,11 @@ unsigned qcow2_overlap_kinds (struct qcow2_image *img, uint64_t offset,
 int qcow2_signal_corruption (struct qcow2_image *img, const char *fmt, ...)
   __attribute__ ((format (printf, 2, 3)));
 
-/* Is an L2 table at l2 whole clusters inside the file?  The _check form
- * reports it and returns -EIO when not.
- */
-bool qcow2_l2_offset_ok (const struct qcow2_image *img, uint64_t l2);
-int qcow2_l2_offset_check (struct qcow2_image *img, uint64_t l2);
-
 /* Dirty slices a whole-image metadata pass (snapshot operations, COPIED
  * settling) lets accumulate before writing them back: what it changes is
  * safe to write in any order, and the cache must not fill with it.
  */
 #define QCOW2_PASS_WRITEBACK_EVERY 32
-
-/* Slice at byte o of the L2 table at l2, pinned in the L2 cache (put it
- * back with qcow2_cache_put); a failure is reported.
- */
-int qcow2_l2_slice_get (struct qcow2_image *img, uint64_t l2, uint64_t o,
-                        struct qcow2_slice **slice);
 
 /* Make, or judge, the COPIED flags of the active L1 and L2 tables say
  * "refcount is 1" (copied.c).  *wrong counts the entries found wrong.

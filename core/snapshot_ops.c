@@ -34,6 +34,7 @@
 #include "cache.h"
 #include "internal.h"
 #include "io.h"
+#include "l2.h"
 #include "util.h"
 
 /* Header fields: nb_snapshots (60, 4 bytes), snapshots_offset (64). */
@@ -130,7 +131,7 @@ walk_refs (struct qcow2_image *img, const uint64_t *l1, uint32_t l1_size,
 
     if (!l2)
       continue;
-    r = qcow2_l2_offset_check (img, l2);
+    r = qcow2_l2_offset_check (img, l2, i);
     if (r == 0)
       r = walk_l2 (img, l2, fn, opaque);
     if (r == 0)
