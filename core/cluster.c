@@ -30,17 +30,19 @@ l2_shift (const struct qcow2_image *img)
  * newer than the disk) into buf.
  */
 static int
+copy_entry (struct qcow2_image *img, struct qcow2_walk_entry *e, void *buf)
+{
+  memcpy ((unsigned char *) buf + e->index * img->l2_entry_bytes, e->p,
+          img->l2_entry_bytes);
+  return 0;
+}
+
+static int
 read_table (struct qcow2_image *img, uint64_t offset, unsigned char *buf)
 {
-  for (uint64_t o = 0; o < img->cluster_size; o += img->slice_size) {
-    struct qcow2_slice *slice;
-    int r = qcow2_cache_get (img->l2_cache, offset + o, &slice);
-    if (r < 0)
-      return r;
-    memcpy (buf + o, slice->data, img->slice_size);
-    qcow2_cache_put (img->l2_cache, slice);
-  }
-  return 0;
+  const struct qcow2_walk copy = { .entry = copy_entry, .opaque = buf };
+
+  return qcow2_walk_l2 (img, offset, &copy);
 }
 
 static int
