@@ -598,6 +598,21 @@ qcow2_file_size (const struct qcow2_image *img)
   return __atomic_load_n (&img->file_size, __ATOMIC_ACQUIRE);
 }
 
+/* Raise a size that only grows (file_size, data_file_size) to end when
+ * it is below: the allocator grows file_size under the writer lock,
+ * write.c grows either after writing past the end, without it.
+ */
+static inline void
+qcow2_size_grow (uint64_t *size, uint64_t end)
+{
+  uint64_t old = __atomic_load_n (size, __ATOMIC_ACQUIRE);
+
+  while (end > old &&
+         !__atomic_compare_exchange_n (size, &old, end, false,
+                                       __ATOMIC_RELEASE, __ATOMIC_ACQUIRE))
+    ;
+}
+
 static inline uint64_t
 qcow2_l1_entry (const uint64_t *l1, uint64_t index)
 {

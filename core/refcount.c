@@ -199,17 +199,6 @@ no_space (const struct qcow2_image *img)
   return -ENOSPC;
 }
 
-static void
-grow_file_size (struct qcow2_image *img, uint64_t end)
-{
-  /* write.c grows it too, without the writer lock. */
-  uint64_t old = __atomic_load_n (&img->file_size, __ATOMIC_ACQUIRE);
-  while (end > old &&
-         !__atomic_compare_exchange_n (&img->file_size, &old, end, false,
-                                       __ATOMIC_RELEASE, __ATOMIC_ACQUIRE))
-    ;
-}
-
 /* Create the refcount block for reftable slot `index` at the first
  * cluster of the range it covers, describing itself.
  */
@@ -251,7 +240,7 @@ create_refblock (struct qcow2_image *img, uint64_t index)
     return r;
   }
   w->reftable[index] = offset;
-  grow_file_size (img, offset + img->cluster_size);
+  qcow2_size_grow (&img->file_size, offset + img->cluster_size);
   return qcow2_overlap_add (img, offset, img->cluster_size,
                             QCOW2_META_REFBLOCK);
 }
@@ -351,7 +340,8 @@ grow_reftable (struct qcow2_image *img, uint64_t need)
   w->reftable_offset = area_offset + (blocks << img->cluster_bits);
   img->h.refcount_table_offset = w->reftable_offset;
   img->h.refcount_table_clusters = (uint32_t) table_clusters;
-  grow_file_size (img, area_offset + (area_clusters << img->cluster_bits));
+  qcow2_size_grow (&img->file_size,
+                   area_offset + (area_clusters << img->cluster_bits));
 
   for (uint64_t b = 0; b < blocks && r == 0; b++)
     r = qcow2_overlap_add (img, area_offset + (b << img->cluster_bits),
@@ -534,7 +524,7 @@ alloc_past_end (struct qcow2_image *img, uint64_t n, uint64_t *first_out)
     if (r < 0)
       return r;
   }
-  grow_file_size (img, (start + k + n) << img->cluster_bits);
+  qcow2_size_grow (&img->file_size, (start + k + n) << img->cluster_bits);
 
   /* Blocks durable before the table entries that point at them. */
   r = qcow2_cache_writeback (w->refblock_cache);
@@ -620,7 +610,7 @@ qcow2_alloc_clusters (struct qcow2_image *img, uint64_t n,
   }
   w->free_hint = run_start + n;
   *offset_out = run_start << img->cluster_bits;
-  grow_file_size (img, (run_start + n) << img->cluster_bits);
+  qcow2_size_grow (&img->file_size, (run_start + n) << img->cluster_bits);
   return 0;
 }
 

@@ -67,15 +67,8 @@ write_host (struct qcow2_image *img, const unsigned char *buf, uint64_t len,
       /* The file may have grown (see above): let the read path, which
        * refuses data past the known end, see the bytes just written.
        */
-      uint64_t *size = img->external_data ? &img->data_file_size
-                                          : &img->file_size;
-      uint64_t end = host + len;
-      uint64_t old = __atomic_load_n (size, __ATOMIC_ACQUIRE);
-      while (end > old &&
-             !__atomic_compare_exchange_n (size, &old, end,
-                                           false, __ATOMIC_RELEASE,
-                                           __ATOMIC_ACQUIRE))
-        ;
+      qcow2_size_grow (img->external_data ? &img->data_file_size
+                                          : &img->file_size, host + len);
     }
   }
   else {
