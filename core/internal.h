@@ -172,7 +172,7 @@ struct qcow2_writer {
   struct qcow2_overlap *overlap;  /* metadata clusters: see overlap.c */
   uint64_t compressed_free;       /* next free byte for compressed data in
                                    * a partly used host cluster; 0: none
-                                   * (see compress.c) */
+                                   * (compress.c's alone) */
   bool enospc_quiet;              /* qcow2_alloc_clusters_try is running */
 };
 
@@ -380,6 +380,13 @@ int qcow2_alloc_clusters_try (struct qcow2_image *img, uint64_t n,
  * after the next metadata sync (see flush.c).
  */
 int qcow2_free_later (struct qcow2_image *img, uint64_t offset, uint64_t len);
+/* The hook refcount.c calls, under the writer lock, each time the
+ * refcount of host cluster `cluster` drops to 0: the allocator may now
+ * hand it out whole.  It belongs to the layer above that keeps a cluster
+ * without a reference of its own, compress.c, whose packer forgets a
+ * partly filled cluster then; refcount.c knows nothing of that state.
+ */
+void qcow2_on_cluster_freed (struct qcow2_image *img, uint64_t cluster);
 
 /* cluster.c: L2 entries for writers, under the writer lock. */
 
@@ -629,19 +636,5 @@ qcow2_l1_entry (const uint64_t *l1, uint64_t index)
  */
 int qcow2_compress (uint8_t compression_type, const void *in, size_t in_len,
                     void *out, size_t out_cap, size_t *out_len);
-
-/* compress.c: under the writer lock, the host cluster holding
- * compressed_free lost its last reference: forget it, as the cluster may
- * now be handed out whole.
- */
-static inline void
-qcow2_compressed_cluster_freed (struct qcow2_image *img, uint64_t cluster)
-{
-  struct qcow2_writer *w = img->w;
-
-  if (w->compressed_free != 0 &&
-      w->compressed_free >> img->cluster_bits == cluster)
-    w->compressed_free = 0;
-}
 
 #endif /* QCOW2_INTERNAL_H */

@@ -23,10 +23,11 @@
  *   and only then frees the old table (QEMU's order, qcow2_refcount_area);
  * - refcount increases reach the disk before any L2 entry that uses them,
  *   because flush.c writes this cache back and syncs before the L2 cache;
- * - the host cluster that compressed data is being packed into
- *   (compressed_free, see compress.c) is counted by the compressed
- *   clusters in it; when its refcount drops to 0 the packer forgets it,
- *   so a cluster handed out whole never receives packed bytes.
+ * - every refcount that drops to 0 is announced to the layer above
+ *   (qcow2_on_cluster_freed): the packer of compressed data (compress.c)
+ *   then forgets the cluster it packs into, which its compressed clusters
+ *   alone count, so a cluster handed out whole never receives packed
+ *   bytes.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -418,7 +419,7 @@ qcow2_refcount_update (struct qcow2_image *img, uint64_t cluster, int delta)
   if (delta < 0 && v == 1 && cluster < w->free_hint)
     w->free_hint = cluster;
   if (delta < 0 && v == 1)
-    qcow2_compressed_cluster_freed (img, cluster);
+    qcow2_on_cluster_freed (img, cluster);
   return 0;
 }
 
@@ -450,7 +451,7 @@ qcow2_refcount_set (struct qcow2_image *img, uint64_t cluster, uint64_t value)
   if (value == 0 && cluster < w->free_hint)
     w->free_hint = cluster;
   if (value == 0)
-    qcow2_compressed_cluster_freed (img, cluster);
+    qcow2_on_cluster_freed (img, cluster);
   return 0;
 }
 
