@@ -226,7 +226,7 @@ unpin_locked (struct slice *e)
  * loaded (then no longer hashed).  One not found is inserted, in state
  * LOADING, for the caller to fill.  NULL: out of memory.
  */
-static struct slice *
+static inline struct slice *
 pin_slice (struct qcow2_cache *c, struct shard *s, uint64_t offset)
 {
   struct slice **b = bucket_of (c, s, offset);

@@ -63,7 +63,6 @@ qcow2_l2_slice_of_guest (struct qcow2_image *img, const uint64_t *l1,
   const uint64_t l1_index = guest >> l2_shift;
   const uint64_t l2_index = (guest >> img->cluster_bits) &
                             (img->l2_entries - 1);
-  int r;
 
   pos->l2 = l1_index < l1_size
             ? qcow2_l1_entry (l1, l1_index) & QCOW2_L1E_OFFSET_MASK : 0;
@@ -72,11 +71,10 @@ qcow2_l2_slice_of_guest (struct qcow2_image *img, const uint64_t *l1,
   *slice = NULL;
   if (pos->l2 == 0)
     return 0;
-  r = qcow2_l2_offset_check (img, pos->l2, l1_index);
-  if (r == 0)
-    r = qcow2_l2_slice_get (img, pos->l2, pos->first * img->l2_entry_bytes,
-                            slice);
-  return r;
+  if (!qcow2_l2_offset_ok (img, pos->l2))
+    return qcow2_l2_offset_check (img, pos->l2, l1_index);
+  return qcow2_l2_slice_get (img, pos->l2, pos->first * img->l2_entry_bytes,
+                             slice);
 }
 
 int
