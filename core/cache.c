@@ -66,6 +66,16 @@ bucket_of (struct qcow2_cache *c, struct shard *s, uint64_t offset)
   return &s->buckets[(hash_offset (c, offset) / c->nshards) % s->nbuckets];
 }
 
+/* The shard of offset, locked. */
+static struct shard *
+lock_shard (struct qcow2_cache *c, uint64_t offset)
+{
+  struct shard *s = shard_of (c, offset);
+
+  pthread_mutex_lock (&s->lock);
+  return s;
+}
+
 static void
 lru_unlink (struct slice *e)
 {
@@ -96,6 +106,16 @@ unhash (struct qcow2_cache *c, struct shard *s, struct slice *e)
   if (e->dirty) {
     e->dirty = false;
     s->dirty--;
+  }
+}
+
+/* Count e dirty, once.  Called with the shard lock held. */
+static void
+set_dirty (struct shard *s, struct slice *e)
+{
+  if (!e->dirty) {
+    e->dirty = true;
+    s->dirty++;
   }
 }
 
@@ -204,25 +224,58 @@ unpin_locked (struct slice *e)
     slice_free (e);
 }
 
-int
-qcow2_cache_get (struct qcow2_cache *c, uint64_t offset,
-                 struct qcow2_slice **slice_out)
+/* The one lookup-and-insert, with the shard lock held: pin the slice at
+ * offset and make it the most recently used, waiting while another thread
+ * loads it.  A slice found is READY, or FAILED or discarded while it
+ * loaded (then no longer hashed).  One not found is inserted, in state
+ * LOADING, for the caller to fill.  NULL: out of memory.
+ */
+static inline struct slice *
+pin_slice (struct qcow2_cache *c, struct shard *s, uint64_t offset)
 {
-  struct shard *s = shard_of (c, offset);
+  struct slice **b = bucket_of (c, s, offset);
   struct slice *e;
-  int r;
 
-  pthread_mutex_lock (&s->lock);
-  for (e = *bucket_of (c, s, offset); e; e = e->hash_next)
+  for (e = *b; e; e = e->hash_next)
     if (e->pub.offset == offset)
       break;
-
   if (e) {
     e->pins++;
     lru_unlink (e);
     lru_push_front (s, e);
     while (e->state == SLICE_LOADING)
       pthread_cond_wait (&s->loaded, &s->lock);
+    return e;
+  }
+
+  e = take_free_slice (c, s);
+  if (!e)
+    return NULL;
+  e->pub.offset = offset;
+  e->pins = 1;
+  e->state = SLICE_LOADING;
+  e->discarded = false;
+  e->hashed = true;
+  e->hash_next = *b;
+  *b = e;
+  lru_push_front (s, e);
+  s->count++;
+  return e;
+}
+
+int
+qcow2_cache_get (struct qcow2_cache *c, uint64_t offset,
+                 struct qcow2_slice **slice_out)
+{
+  struct shard *s = lock_shard (c, offset);
+  struct slice *e = pin_slice (c, s, offset);
+  int r;
+
+  if (!e) {
+    pthread_mutex_unlock (&s->lock);
+    return -ENOMEM;
+  }
+  if (e->state != SLICE_LOADING) {      /* found */
     if (e->state == SLICE_FAILED) {
       r = e->error;
       unpin_locked (e);
@@ -233,22 +286,6 @@ qcow2_cache_get (struct qcow2_cache *c, uint64_t offset,
     *slice_out = &e->pub;
     return 0;
   }
-
-  e = take_free_slice (c, s);
-  if (!e) {
-    pthread_mutex_unlock (&s->lock);
-    return -ENOMEM;
-  }
-  e->pub.offset = offset;
-  e->pins = 1;
-  e->state = SLICE_LOADING;
-  e->discarded = false;
-  e->hashed = true;
-  struct slice **b = bucket_of (c, s, offset);
-  e->hash_next = *b;
-  *b = e;
-  lru_push_front (s, e);
-  s->count++;
   pthread_mutex_unlock (&s->lock);
 
   r = qcow2_io_pread (c->io, e->pub.data, c->slice_size, offset);
@@ -277,11 +314,9 @@ qcow2_cache_get (struct qcow2_cache *c, uint64_t offset,
 void
 qcow2_cache_put (struct qcow2_cache *c, struct qcow2_slice *slice)
 {
-  struct slice *e = (struct slice *) slice;
-  struct shard *s = shard_of (c, slice->offset);
+  struct shard *s = lock_shard (c, slice->offset);
 
-  pthread_mutex_lock (&s->lock);
-  unpin_locked (e);
+  unpin_locked ((struct slice *) slice);
   pthread_mutex_unlock (&s->lock);
 }
 
@@ -297,47 +332,19 @@ int
 qcow2_cache_get_new (struct qcow2_cache *c, uint64_t offset,
                      struct qcow2_slice **slice_out)
 {
-  struct shard *s = shard_of (c, offset);
+  struct shard *s = lock_shard (c, offset);
   struct slice *e;
 
-  pthread_mutex_lock (&s->lock);
-  for (e = *bucket_of (c, s, offset); e; e = e->hash_next)
-    if (e->pub.offset == offset)
-      break;
-  if (e) {
-    e->pins++;
-    while (e->state == SLICE_LOADING)
-      pthread_cond_wait (&s->loaded, &s->lock);
-    if (!e->hashed) {
-      /* Failed or discarded while loading: replace it below. */
-      unpin_locked (e);
-      e = NULL;
-    }
-    else
-      lru_unlink (e);
-  }
+  /* One that failed or was discarded while loading is replaced. */
+  while ((e = pin_slice (c, s, offset)) && !e->hashed)
+    unpin_locked (e);
   if (!e) {
-    e = take_free_slice (c, s);
-    if (!e) {
-      pthread_mutex_unlock (&s->lock);
-      return -ENOMEM;
-    }
-    e->pub.offset = offset;
-    e->pins = 1;
-    e->hashed = true;
-    e->discarded = false;
-    struct slice **b = bucket_of (c, s, offset);
-    e->hash_next = *b;
-    *b = e;
-    s->count++;
+    pthread_mutex_unlock (&s->lock);
+    return -ENOMEM;
   }
-  lru_push_front (s, e);
   e->state = SLICE_READY;
   memset (e->pub.data, 0, c->slice_size);
-  if (!e->dirty) {
-    e->dirty = true;
-    s->dirty++;
-  }
+  set_dirty (s, e);
   pthread_mutex_unlock (&s->lock);
   *slice_out = &e->pub;
   return 0;
@@ -347,13 +354,10 @@ void
 qcow2_cache_mark_dirty (struct qcow2_cache *c, struct qcow2_slice *slice)
 {
   struct slice *e = (struct slice *) slice;
-  struct shard *s = shard_of (c, slice->offset);
+  struct shard *s = lock_shard (c, slice->offset);
 
-  pthread_mutex_lock (&s->lock);
-  if (!e->dirty && e->hashed) {
-    e->dirty = true;
-    s->dirty++;
-  }
+  if (e->hashed)
+    set_dirty (s, e);
   pthread_mutex_unlock (&s->lock);
 }
 
@@ -435,10 +439,9 @@ void
 qcow2_cache_discard (struct qcow2_cache *c, uint64_t offset, uint64_t len)
 {
   for (uint64_t o = offset; o < offset + len; o += c->slice_size) {
-    struct shard *s = shard_of (c, o);
+    struct shard *s = lock_shard (c, o);
     struct slice *e;
 
-    pthread_mutex_lock (&s->lock);
     for (e = *bucket_of (c, s, o); e; e = e->hash_next)
       if (e->pub.offset == o)
         break;

@@ -22,9 +22,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cache.h"
 #include "internal.h"
 #include "io.h"
+#include "l2.h"
 #include "util.h"
 
 struct check {
@@ -54,64 +54,65 @@ count (struct check *x, uint64_t offset, uint64_t len, const char *what)
       x->counts[c]++;
 }
 
-/* The references of one L2 table (active or a snapshot's). */
+/* The references of the L2 tables an L1 table (active or a snapshot's)
+ * reaches: the tables themselves and what their entries reference.
+ */
 static int
-count_l2 (struct check *x, uint64_t l2_offset)
+count_bad_table (struct qcow2_image *img, uint32_t l1_index, uint64_t l2,
+                 void *xv)
 {
-  struct qcow2_image *img = x->img;
+  struct check *x = xv;
 
-  count (x, l2_offset, img->cluster_size, "L2 table");
-  for (uint64_t o = 0; o < img->cluster_size; o += img->slice_size) {
-    struct qcow2_slice *slice;
-    int r = qcow2_cache_get (img->l2_cache, l2_offset + o, &slice);
-    if (r < 0) {
-      x->res->check_errors++;
-      return 0;
-    }
-    for (uint32_t i = 0; i < img->slice_entries; i++) {
-      struct qcow2_entry st;
-      const unsigned char *p = slice->data + i * img->l2_entry_bytes;
-      qcow2_entry_classify (img, qcow2_l2_load (p),
-                            img->extended_l2 ? qcow2_l2_load (p + 8) : 0,
-                            &st);
-      if (st.compressed) {
-        uint64_t coffset, nsec;
-        qcow2_compressed_extent (img, st.entry, &coffset, &nsec);
-        count (x, align_down (coffset, 512), nsec * 512, "compressed data");
-      }
-      else if (st.allocated && !img->external_data) {
-        if (!is_aligned (st.host, img->cluster_size)) {
-          qcow2_error ("%s: Cluster allocation offset %#" PRIx64
-                       " unaligned", img->filename, st.host);
-          x->res->corruptions++;
-          continue;
-        }
-        count (x, st.host, img->cluster_size, "data cluster");
-      }
-    }
-    qcow2_cache_put (img->l2_cache, slice);
-  }
+  qcow2_l2_offset_check (img, l2, l1_index);      /* reports it */
+  x->res->corruptions++;
   return 0;
+}
+
+static int
+count_table (struct qcow2_image *img, uint32_t l1_index, uint64_t l2,
+             void *x)
+{
+  (void) l1_index;
+  count (x, l2, img->cluster_size, "L2 table");
+  return 0;
+}
+
+static int
+count_entry (struct qcow2_image *img, struct qcow2_walk_entry *e, void *xv)
+{
+  struct check *x = xv;
+  uint64_t offset, len;
+
+  if (qcow2_entry_refs (img, e->entry, &offset, &len) < 0)
+    x->res->corruptions++;
+  else if (e->entry & QCOW2_OFLAG_COMPRESSED)
+    count (x, offset, len, "compressed data");
+  else
+    count (x, offset, len, "data cluster");
+  return 0;
+}
+
+/* An L2 slice that cannot be read: its references go uncounted. */
+static int
+count_unreadable (struct qcow2_image *img, int err, void *xv)
+{
+  struct check *x = xv;
+
+  (void) img;
+  (void) err;
+  x->res->check_errors++;
+  return QCOW2_WALK_SKIP;
 }
 
 static int
 count_l1 (struct check *x, const uint64_t *l1, uint32_t l1_size)
 {
-  for (uint32_t i = 0; i < l1_size; i++) {
-    uint64_t l2 = l1[i] & QCOW2_L1E_OFFSET_MASK;
-    if (!l2)
-      continue;
-    if (!qcow2_l2_offset_ok (x->img, l2)) {
-      qcow2_error ("%s: L2 table offset %#" PRIx64 " invalid (L1 index %"
-                   PRIu32 ")", x->img->filename, l2, i);
-      x->res->corruptions++;
-      continue;
-    }
-    int r = count_l2 (x, l2);
-    if (r < 0)
-      return r;
-  }
-  return 0;
+  const struct qcow2_walk walk = {
+    .bad_table = count_bad_table, .table = count_table,
+    .entry = count_entry, .slice_error = count_unreadable, .opaque = x,
+  };
+
+  return qcow2_walk_l1 (x->img, l1, l1_size, &walk);
 }
 
 static int

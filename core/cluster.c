@@ -17,6 +17,7 @@
 #include "cache.h"
 #include "internal.h"
 #include "io.h"
+#include "l2.h"
 #include "util.h"
 
 static unsigned
@@ -29,46 +30,19 @@ l2_shift (const struct qcow2_image *img)
  * newer than the disk) into buf.
  */
 static int
-read_table (struct qcow2_image *img, uint64_t offset, unsigned char *buf)
+copy_entry (struct qcow2_image *img, struct qcow2_walk_entry *e, void *buf)
 {
-  for (uint64_t o = 0; o < img->cluster_size; o += img->slice_size) {
-    struct qcow2_slice *slice;
-    int r = qcow2_cache_get (img->l2_cache, offset + o, &slice);
-    if (r < 0)
-      return r;
-    memcpy (buf + o, slice->data, img->slice_size);
-    qcow2_cache_put (img->l2_cache, slice);
-  }
+  memcpy ((unsigned char *) buf + e->index * img->l2_entry_bytes, e->p,
+          img->l2_entry_bytes);
   return 0;
 }
 
-bool
-qcow2_l2_offset_ok (const struct qcow2_image *img, uint64_t l2)
+static int
+read_table (struct qcow2_image *img, uint64_t offset, unsigned char *buf)
 {
-  return is_aligned (l2, img->cluster_size) &&
-         !range_exceeds (l2, img->cluster_size, qcow2_file_size (img));
-}
+  const struct qcow2_walk copy = { .entry = copy_entry, .opaque = buf };
 
-int
-qcow2_l2_offset_check (struct qcow2_image *img, uint64_t l2)
-{
-  if (qcow2_l2_offset_ok (img, l2))
-    return 0;
-  qcow2_error ("%s: L2 table offset %#" PRIx64 " invalid", img->filename,
-               l2);
-  return -EIO;
-}
-
-int
-qcow2_l2_slice_get (struct qcow2_image *img, uint64_t l2, uint64_t o,
-                    struct qcow2_slice **slice)
-{
-  int r = qcow2_cache_get (img->l2_cache, l2 + o, slice);
-
-  if (r < 0)
-    qcow2_error ("%s: could not read L2 table at %#" PRIx64 ": %s",
-                 img->filename, l2, strerror (-r));
-  return r;
+  return qcow2_walk_l2 (img, offset, &copy);
 }
 
 static int
@@ -124,27 +98,12 @@ l2_allocate (struct qcow2_image *img, uint64_t l1_index)
   return r;
 }
 
-static int
-slice_of (struct qcow2_image *img, uint64_t l2_offset, uint64_t guest,
-          struct qcow2_slice **slice, uint64_t *index)
-{
-  uint64_t l2_index = (guest >> img->cluster_bits) & (img->l2_entries - 1);
-  uint64_t first = l2_index - l2_index % img->slice_entries;
-  int r;
-
-  if ((r = qcow2_l2_offset_check (img, l2_offset)) < 0 ||
-      (r = qcow2_l2_slice_get (img, l2_offset, first * img->l2_entry_bytes,
-                               slice)) < 0)
-    return r;
-  *index = l2_index - first;
-  return 0;
-}
-
 int
 qcow2_l2_slice_for_write (struct qcow2_image *img, uint64_t guest,
                           struct qcow2_slice **slice, uint64_t *index)
 {
   uint64_t l1_index = guest >> l2_shift (img);
+  struct qcow2_l2_pos at;
   uint64_t l1e;
   int r;
 
@@ -158,31 +117,31 @@ qcow2_l2_slice_for_write (struct qcow2_image *img, uint64_t guest,
     r = l2_allocate (img, l1_index);
     if (r < 0)
       return r;
-    l1e = qcow2_l1_entry (img->l1, l1_index);
   }
-  return slice_of (img, l1e & QCOW2_L1E_OFFSET_MASK, guest, slice, index);
+  r = qcow2_l2_slice_of_guest (img, img->l1, img->l1_size, guest, slice,
+                               &at);
+  *index = at.index;
+  return r;
 }
 
 int
 qcow2_l2_entry_get (struct qcow2_image *img, uint64_t guest, uint64_t *entry,
                     uint64_t *bitmap)
 {
-  uint64_t l1_index = guest >> l2_shift (img);
-  uint64_t l1e, index;
   struct qcow2_slice *slice;
+  struct qcow2_l2_pos at;
   int r;
 
   qcow2_writer_assert_locked (img);
   *entry = *bitmap = 0;
-  l1e = l1_index < img->l1_size ? qcow2_l1_entry (img->l1, l1_index) : 0;
-  if (!(l1e & QCOW2_L1E_OFFSET_MASK))
-    return 0;
-  r = slice_of (img, l1e & QCOW2_L1E_OFFSET_MASK, guest, &slice, &index);
-  if (r < 0)
+  r = qcow2_l2_slice_of_guest (img, img->l1, img->l1_size, guest, &slice,
+                               &at);
+  if (r < 0 || !slice)
     return r;
-  *entry = qcow2_l2_load (slice->data + index * img->l2_entry_bytes);
+  *entry = qcow2_l2_load (slice->data + at.index * img->l2_entry_bytes);
   if (img->extended_l2)
-    *bitmap = qcow2_l2_load (slice->data + index * img->l2_entry_bytes + 8);
+    *bitmap = qcow2_l2_load (slice->data + at.index * img->l2_entry_bytes
+                             + 8);
   qcow2_cache_put (img->l2_cache, slice);
   return 0;
 }

@@ -72,6 +72,23 @@ claim_cluster (struct qcow2_image *img, uint64_t c)
   return r < 0 ? r : 1;
 }
 
+/* The packer's state is w->compressed_free, the next free byte in the host
+ * cluster being packed, which only the compressed clusters in it count.
+ * When that count drops to 0 (refcount.c calls this, under the writer
+ * lock) the cluster may be handed out whole: forget it, or packed bytes
+ * would land in someone else's cluster.
+ */
+void
+qcow2_on_cluster_freed (struct qcow2_image *img, uint64_t cluster)
+{
+  struct qcow2_writer *w = img->w;
+
+  qcow2_writer_assert_locked (img);
+  if (w->compressed_free != 0 &&
+      w->compressed_free >> img->cluster_bits == cluster)
+    w->compressed_free = 0;
+}
+
 /* Under the writer lock: `size` bytes (less than a cluster) for compressed
  * data, after those handed out last when they fit in that host cluster or
  * in it and the next one (when that one is free), in a fresh cluster

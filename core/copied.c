@@ -27,6 +27,7 @@
 #include "cache.h"
 #include "internal.h"
 #include "io.h"
+#include "l2.h"
 #include "util.h"
 
 static uint64_t
@@ -79,52 +80,6 @@ wanted_l2 (struct qcow2_image *img, enum qcow2_copied_mode mode, uint64_t e,
 }
 
 static int
-pass_l2 (struct qcow2_image *img, enum qcow2_copied_mode mode, uint64_t l2,
-         uint64_t *wrong)
-{
-  bool fix = mode != QCOW2_COPIED_COUNT;
-
-  for (uint64_t o = 0; o < img->cluster_size; o += img->slice_size) {
-    struct qcow2_slice *slice;
-    bool dirty = false;
-    int r = qcow2_l2_slice_get (img, l2, o, &slice);
-
-    if (r < 0)
-      return r;
-    for (uint32_t j = 0; r == 0 && j < img->slice_entries; j++) {
-      unsigned char *p = slice->data + j * img->l2_entry_bytes;
-      uint64_t e = qcow2_l2_load (p);
-      bool want, judged;
-
-      r = wanted_l2 (img, mode, e, &want, &judged);
-      /* Unjudged entries keep their flag, except that settling clears
-       * it (QEMU does the same for unallocated entries).
-       */
-      if (r < 0 || (!judged && mode != QCOW2_COPIED_SETTLE) ||
-          with_copied (e, want) == e)
-        continue;
-      if (judged)
-        (*wrong)++;
-      if (fix) {
-        qcow2_l2_store (p, with_copied (e, want));
-        dirty = true;
-      }
-    }
-    if (dirty)
-      qcow2_cache_mark_dirty (img->l2_cache, slice);
-    qcow2_cache_put (img->l2_cache, slice);
-    if (r == 0 && mode == QCOW2_COPIED_SETTLE &&
-        qcow2_cache_dirty_count (img->l2_cache) >=
-        QCOW2_PASS_WRITEBACK_EVERY &&
-        (r = qcow2_cache_writeback (img->l2_cache)) < 0)
-      return qcow2_writer_break (img, r, "writing back L2 tables");
-    if (r < 0)
-      return r;
-  }
-  return 0;
-}
-
-static int
 fix_l1_entry (struct qcow2_image *img, uint32_t i, uint64_t fixed)
 {
   unsigned char e[8];
@@ -143,37 +98,93 @@ fix_l1_entry (struct qcow2_image *img, uint32_t i, uint64_t fixed)
   return 0;
 }
 
+/* The walk over the active tables (l2.h): each L2 table's own L1 entry,
+ * then its entries.
+ */
+struct pass {
+  enum qcow2_copied_mode mode;
+  uint64_t *wrong;
+};
+
+static int
+pass_bad_table (struct qcow2_image *img, uint32_t l1_index, uint64_t l2,
+                void *pv)
+{
+  struct pass *p = pv;
+
+  if (p->mode != QCOW2_COPIED_SETTLE)
+    return 0;           /* the refcount pass reports it */
+  return qcow2_l2_offset_check (img, l2, l1_index);
+}
+
+static int
+pass_table (struct qcow2_image *img, uint32_t l1_index, uint64_t l2,
+            void *pv)
+{
+  struct pass *p = pv;
+  uint64_t l1e = img->l1[l1_index];
+  bool one, judged;
+  int r;
+
+  r = refcount_is_one (img, p->mode, l2 >> img->cluster_bits, &one,
+                       &judged);
+  if (r < 0)
+    return r;
+  if (!judged)
+    return QCOW2_WALK_SKIP;
+  if (with_copied (l1e, one) != l1e) {
+    (*p->wrong)++;
+    if (p->mode != QCOW2_COPIED_COUNT)
+      return fix_l1_entry (img, l1_index, with_copied (l1e, one));
+  }
+  return 0;
+}
+
+static int
+pass_entry (struct qcow2_image *img, struct qcow2_walk_entry *e, void *pv)
+{
+  struct pass *p = pv;
+  bool want, judged;
+  int r = wanted_l2 (img, p->mode, e->entry, &want, &judged);
+
+  /* Unjudged entries keep their flag, except that settling clears it
+   * (QEMU does the same for unallocated entries).
+   */
+  if (r < 0 || (!judged && p->mode != QCOW2_COPIED_SETTLE) ||
+      with_copied (e->entry, want) == e->entry)
+    return r;
+  if (judged)
+    (*p->wrong)++;
+  if (p->mode != QCOW2_COPIED_COUNT)
+    qcow2_walk_entry_set (e, with_copied (e->entry, want));
+  return 0;
+}
+
+/* Settling may change every table: keep the dirty slices bounded. */
+static int
+pass_slice_done (struct qcow2_image *img, void *pv)
+{
+  struct pass *p = pv;
+  int r;
+
+  if (p->mode == QCOW2_COPIED_SETTLE &&
+      qcow2_cache_dirty_count (img->l2_cache) >= QCOW2_PASS_WRITEBACK_EVERY &&
+      (r = qcow2_cache_writeback (img->l2_cache)) < 0)
+    return qcow2_writer_break (img, r, "writing back L2 tables");
+  return 0;
+}
+
 int
 qcow2_copied_pass (struct qcow2_image *img, enum qcow2_copied_mode mode,
                    uint64_t *wrong)
 {
+  struct pass p = { mode, wrong };
+  const struct qcow2_walk walk = {
+    .bad_table = pass_bad_table, .table = pass_table, .entry = pass_entry,
+    .slice_done = pass_slice_done, .opaque = &p,
+  };
+
   qcow2_writer_assert_locked (img);
   *wrong = 0;
-  for (uint32_t i = 0; i < img->l1_size; i++) {
-    uint64_t l1e = img->l1[i], l2 = l1e & QCOW2_L1E_OFFSET_MASK;
-    bool one, judged;
-    int r;
-
-    if (!l2)
-      continue;
-    if (!qcow2_l2_offset_ok (img, l2)) {
-      if (mode != QCOW2_COPIED_SETTLE)
-        continue;       /* the refcount pass reports it */
-      return qcow2_l2_offset_check (img, l2);
-    }
-    r = refcount_is_one (img, mode, l2 >> img->cluster_bits, &one, &judged);
-    if (r < 0)
-      return r;
-    if (!judged)
-      continue;
-    if (with_copied (l1e, one) != l1e) {
-      (*wrong)++;
-      if (mode != QCOW2_COPIED_COUNT &&
-          (r = fix_l1_entry (img, i, with_copied (l1e, one))) < 0)
-        return r;
-    }
-    if ((r = pass_l2 (img, mode, l2, wrong)) < 0)
-      return r;
-  }
-  return 0;
+  return qcow2_walk_l1 (img, img->l1, img->l1_size, &walk);
 }

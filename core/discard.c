@@ -27,8 +27,6 @@
 #include "rangelock.h"
 #include "util.h"
 
-#define ALL_SUBCLUSTERS 0xffffffffull
-
 enum op { OP_ZERO, OP_TRIM };
 
 struct request {
@@ -147,7 +145,8 @@ whole_cluster (struct qcow2_image *img, const struct request *rq,
 
   keep = rq->op == OP_ZERO && !rq->may_trim && st.owned;
   if (img->extended_l2) {
-    uint64_t bitmap = below || rq->op == OP_ZERO ? ALL_SUBCLUSTERS << 32 : 0;
+    uint64_t bitmap = below || rq->op == OP_ZERO
+                      ? QCOW2_ALL_SUBCLUSTERS << 32 : 0;
     if (!keep && st.entry == 0 && st.bitmap == bitmap)
       return 0;
     return qcow2_entry_publish (img, guest,

@@ -110,6 +110,8 @@
 
 /* Extended L2 bitmap: bit x allocated, bit 32 + x reads as zero. */
 #define QCOW2_SUBCLUSTERS 32
+/* Every subcluster's bit in one half of the bitmap (<< 32: the zero half). */
+#define QCOW2_ALL_SUBCLUSTERS 0xffffffffull
 
 /* QEMU's limits, which we share. */
 #define QCOW2_MAX_L1_BYTES        (32u << 20)

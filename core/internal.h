@@ -203,7 +203,7 @@ struct qcow2_writer {
   struct qcow2_overlap *overlap;  /* metadata clusters: see overlap.c */
   uint64_t compressed_free;       /* next free byte for compressed data in
                                    * a partly used host cluster; 0: none
-                                   * (see compress.c) */
+                                   * (compress.c's alone) */
   bool enospc_quiet;              /* qcow2_alloc_clusters_try is running */
   struct qcow2_flusher flusher;   /* its own lock, never held with `lock` */
 };
@@ -496,6 +496,13 @@ int qcow2_alloc_clusters_try (struct qcow2_image *img, uint64_t n,
  * after the next metadata sync (see flush.c).
  */
 int qcow2_free_later (struct qcow2_image *img, uint64_t offset, uint64_t len);
+/* The hook refcount.c calls, under the writer lock, each time the
+ * refcount of host cluster `cluster` drops to 0: the allocator may now
+ * hand it out whole.  It belongs to the layer above that keeps a cluster
+ * without a reference of its own, compress.c, whose packer forgets a
+ * partly filled cluster then; refcount.c knows nothing of that state.
+ */
+void qcow2_on_cluster_freed (struct qcow2_image *img, uint64_t cluster);
 
 /* cluster.c: L2 entries for writers, under the writer lock. */
 
@@ -597,23 +604,11 @@ unsigned qcow2_overlap_kinds (struct qcow2_image *img, uint64_t offset,
 int qcow2_signal_corruption (struct qcow2_image *img, const char *fmt, ...)
   __attribute__ ((format (printf, 2, 3)));
 
-/* Is an L2 table at l2 whole clusters inside the file?  The _check form
- * reports it and returns -EIO when not.
- */
-bool qcow2_l2_offset_ok (const struct qcow2_image *img, uint64_t l2);
-int qcow2_l2_offset_check (struct qcow2_image *img, uint64_t l2);
-
 /* Dirty slices a whole-image metadata pass (snapshot operations, COPIED
  * settling) lets accumulate before writing them back: what it changes is
  * safe to write in any order, and the cache must not fill with it.
  */
 #define QCOW2_PASS_WRITEBACK_EVERY 32
-
-/* Slice at byte o of the L2 table at l2, pinned in the L2 cache (put it
- * back with qcow2_cache_put); a failure is reported.
- */
-int qcow2_l2_slice_get (struct qcow2_image *img, uint64_t l2, uint64_t o,
-                        struct qcow2_slice **slice);
 
 /* Make, or judge, the COPIED flags of the active L1 and L2 tables say
  * "refcount is 1" (copied.c).  *wrong counts the entries found wrong.
@@ -762,6 +757,21 @@ qcow2_file_size (const struct qcow2_image *img)
   return __atomic_load_n (&img->file_size, __ATOMIC_ACQUIRE);
 }
 
+/* Raise a size that only grows (file_size, data_file_size) to end when
+ * it is below: the allocator grows file_size under the writer lock,
+ * write.c grows either after writing past the end, without it.
+ */
+static inline void
+qcow2_size_grow (uint64_t *size, uint64_t end)
+{
+  uint64_t old = __atomic_load_n (size, __ATOMIC_ACQUIRE);
+
+  while (end > old &&
+         !__atomic_compare_exchange_n (size, &old, end, false,
+                                       __ATOMIC_RELEASE, __ATOMIC_ACQUIRE))
+    ;
+}
+
 static inline uint64_t
 qcow2_l1_entry (const uint64_t *l1, uint64_t index)
 {
@@ -778,20 +788,5 @@ qcow2_l1_entry (const uint64_t *l1, uint64_t index)
  */
 int qcow2_compress (uint8_t compression_type, const void *in, size_t in_len,
                     void *out, size_t out_cap, size_t *out_len);
-
-/* compress.c: under the writer lock, the host cluster holding
- * compressed_free lost its last reference: forget it, as the cluster may
- * now be handed out whole.
- */
-static inline void
-qcow2_compressed_cluster_freed (struct qcow2_image *img, uint64_t cluster)
-{
-  struct qcow2_writer *w = img->w;
-
-  qcow2_writer_assert_locked (img);
-  if (w->compressed_free != 0 &&
-      w->compressed_free >> img->cluster_bits == cluster)
-    w->compressed_free = 0;
-}
 
 #endif /* QCOW2_INTERNAL_H */

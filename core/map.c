@@ -16,6 +16,7 @@
 
 #include "cache.h"
 #include "internal.h"
+#include "l2.h"
 #include "util.h"
 
 struct entry_view {
@@ -110,57 +111,35 @@ qcow2_map (struct qcow2_image *img, const uint64_t *l1, uint32_t l1_size,
 {
   const uint32_t cbits = img->cluster_bits;
   const unsigned l2_shift = cbits + __builtin_ctzll (img->l2_entries);
-  const uint64_t l1_index = offset >> l2_shift;
-  uint64_t end, l1e, l2_offset, l2_index, slice_first, pos;
+  const uint64_t l2_start = (offset >> l2_shift) << l2_shift;
+  uint64_t end, pos;
   struct qcow2_slice *slice;
+  struct qcow2_l2_pos at;
   struct entry_view where;
   int r;
 
-  /* Clip to this L2 table's coverage. */
-  end = offset + min_u64 (max_len, ((l1_index + 1) << l2_shift) - offset);
-
-  l1e = l1_index < l1_size ? qcow2_l1_entry (l1, l1_index) : 0;
-  l2_offset = l1e & QCOW2_L1E_OFFSET_MASK;
-  if (l2_offset == 0) {
+  r = qcow2_l2_slice_of_guest (img, l1, l1_size, offset, &slice, &at);
+  if (r < 0)
+    return r;
+  if (!slice) {
+    /* Clip to this L2 table's coverage. */
+    end = offset + min_u64 (max_len, l2_start + (1ull << l2_shift) - offset);
     run->kind = RUN_UNALLOCATED;
     run->length = end - offset;
     run->host_offset = 0;
     run->copied = false;
     return 0;
   }
-  if (!is_aligned (l2_offset, img->cluster_size)) {
-    qcow2_error ("L2 table offset %#" PRIx64 " unaligned (L1 index: %#"
-                 PRIx64 ")", l2_offset, l1_index);
-    return -EIO;
-  }
-  if (range_exceeds (l2_offset, img->cluster_size, qcow2_file_size (img))) {
-    qcow2_error ("L2 table offset %#" PRIx64 " (L1 index: %#" PRIx64
-                 ") lies past the end of the file", l2_offset, l1_index);
-    return -EIO;
-  }
-
-  l2_index = (offset >> cbits) & (img->l2_entries - 1);
-  slice_first = l2_index - l2_index % img->slice_entries;
-  r = qcow2_cache_get (img->l2_cache,
-                       l2_offset + slice_first * img->l2_entry_bytes, &slice);
-  if (r < 0) {
-    qcow2_error ("could not read L2 table at %#" PRIx64 ": %s", l2_offset,
-                 strerror (-r));
-    return r;
-  }
   /* Clip to this slice's coverage. */
-  {
-    uint64_t slice_end_guest =
-      ((offset >> l2_shift) << l2_shift) +
-      ((slice_first + img->slice_entries) << cbits);
-    end = min_u64 (end, slice_end_guest);
-  }
+  end = offset + min_u64 (max_len,
+                          l2_start + ((at.first + img->slice_entries) << cbits)
+                          - offset);
 
-  where.l2_offset = l2_offset;
+  where.l2_offset = at.l2;
   pos = offset;
   while (pos < end) {
     uint64_t guest_cluster = pos & ~(img->cluster_size - 1);
-    uint64_t idx = ((pos >> cbits) & (img->l2_entries - 1)) - slice_first;
+    uint64_t idx = ((pos >> cbits) & (img->l2_entries - 1)) - at.first;
     const unsigned char *p = slice->data + idx * img->l2_entry_bytes;
     uint64_t entry, bitmap = 0;
     if (img->extended_l2)
@@ -173,7 +152,7 @@ qcow2_map (struct qcow2_image *img, const uint64_t *l1, uint32_t l1_size,
     enum qcow2_run_kind kind;
     uint64_t host, unit_start, unit_end;
 
-    where.l2_index = slice_first + idx;
+    where.l2_index = at.first + idx;
     r = classify (img, &where, entry, bitmap, sc, guest_cluster, &kind,
                   &host);
     if (r < 0)

@@ -28,10 +28,11 @@
  * - memory follows disk: w->reftable and the overlap set learn of a new
  *   refcount block or table only once the table entry or header that
  *   points at it is durable;
- * - the host cluster that compressed data is being packed into
- *   (compressed_free, see compress.c) is counted by the compressed
- *   clusters in it; when its refcount drops to 0 the packer forgets it,
- *   so a cluster handed out whole never receives packed bytes.
+ * - every refcount that drops to 0 is announced to the layer above
+ *   (qcow2_on_cluster_freed): the packer of compressed data (compress.c)
+ *   then forgets the cluster it packs into, which its compressed clusters
+ *   alone count, so a cluster handed out whole never receives packed
+ *   bytes.
  */
 #include <assert.h>
 #include <errno.h>
@@ -208,17 +209,6 @@ no_space (const struct qcow2_image *img)
   return -ENOSPC;
 }
 
-static void
-grow_file_size (struct qcow2_image *img, uint64_t end)
-{
-  /* write.c grows it too, without the writer lock. */
-  uint64_t old = __atomic_load_n (&img->file_size, __ATOMIC_ACQUIRE);
-  while (end > old &&
-         !__atomic_compare_exchange_n (&img->file_size, &old, end, false,
-                                       __ATOMIC_RELEASE, __ATOMIC_ACQUIRE))
-    ;
-}
-
 /* Create the refcount block for reftable slot `index` at the first
  * cluster of the range it covers, describing itself.
  */
@@ -260,7 +250,7 @@ create_refblock (struct qcow2_image *img, uint64_t index)
     return r;
   }
   w->reftable[index] = offset;
-  grow_file_size (img, offset + img->cluster_size);
+  qcow2_size_grow (&img->file_size, offset + img->cluster_size);
   return qcow2_overlap_add (img, offset, img->cluster_size,
                             QCOW2_META_REFBLOCK);
 }
@@ -342,7 +332,7 @@ grow_reftable (struct qcow2_image *img, uint64_t need)
                                 area_clusters << img->cluster_bits,
                                 area_offset);
   if (r < 0)
-    goto io_fail;
+    goto out;   /* the image is BROKEN (durable.c) */
 
   /* Rule 6: the header's refcount_table_offset and _clusters, adjacent,
    * in one write.
@@ -355,7 +345,7 @@ grow_reftable (struct qcow2_image *img, uint64_t need)
   r = qcow2_meta_write_durable (img, QCOW2_RULE_HEADER_LAST, hdr, sizeof hdr,
                                 QCOW2_HDR_REFCOUNT_TABLE_OFFSET);
   if (r < 0)
-    goto io_fail;
+    goto out;   /* the image is BROKEN (durable.c) */
 
   for (uint64_t i = 0; i < entries; i++)
     table[i] = get_be64 (&table[i]);
@@ -366,7 +356,8 @@ grow_reftable (struct qcow2_image *img, uint64_t need)
   w->reftable_offset = area_offset + (blocks << img->cluster_bits);
   img->h.refcount_table_offset = w->reftable_offset;
   img->h.refcount_table_clusters = (uint32_t) table_clusters;
-  grow_file_size (img, area_offset + (area_clusters << img->cluster_bits));
+  qcow2_size_grow (&img->file_size,
+                   area_offset + (area_clusters << img->cluster_bits));
 
   for (uint64_t b = 0; b < blocks && r == 0; b++)
     r = qcow2_overlap_add (img, area_offset + (b << img->cluster_bits),
@@ -385,8 +376,6 @@ grow_reftable (struct qcow2_image *img, uint64_t need)
   }
   goto out;
 
- io_fail:
-  qcow2_writer_break (img, r, "growing the refcount table");
  out:
   free (area);
   free (table);
@@ -449,7 +438,7 @@ qcow2_refcount_update (struct qcow2_image *img, uint64_t cluster, int delta)
   if (delta < 0 && v == 1 && cluster < w->free_hint)
     w->free_hint = cluster;
   if (delta < 0 && v == 1)
-    qcow2_compressed_cluster_freed (img, cluster);
+    qcow2_on_cluster_freed (img, cluster);
   return 0;
 }
 
@@ -482,7 +471,7 @@ qcow2_refcount_set (struct qcow2_image *img, uint64_t cluster, uint64_t value)
   if (value == 0 && cluster < w->free_hint)
     w->free_hint = cluster;
   if (value == 0)
-    qcow2_compressed_cluster_freed (img, cluster);
+    qcow2_on_cluster_freed (img, cluster);
   return 0;
 }
 
@@ -594,7 +583,7 @@ alloc_past_end (struct qcow2_image *img, uint64_t n, uint64_t *first_out)
     for (j = 0; j < k; j++)
       w->reftable[block_index[j]] = (start + j) << cb;
   }
-  grow_file_size (img, end << cb);
+  qcow2_size_grow (&img->file_size, end << cb);
   for (uint64_t j = 0; r == 0 && j < k; j++)
     r = qcow2_overlap_add (img, (start + j) << cb, img->cluster_size,
                            QCOW2_META_REFBLOCK);
@@ -675,7 +664,7 @@ qcow2_alloc_clusters (struct qcow2_image *img, uint64_t n,
                img->filename, n, *offset_out);
   /* Cluster 0 is the header: counted, and in the overlap set. */
   assert (*offset_out != 0);
-  grow_file_size (img, (run_start + n) << img->cluster_bits);
+  qcow2_size_grow (&img->file_size, (run_start + n) << img->cluster_bits);
   return 0;
 }
 

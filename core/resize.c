@@ -55,7 +55,7 @@ qcow2_grow_l1 (struct qcow2_image *img, uint64_t new_size, uint32_t new_l1_size)
     r = qcow2_meta_write_durable (img, QCOW2_RULE_HEADER_LAST, table,
                                   clusters << img->cluster_bits, new_offset);
   if (r < 0)
-    goto io_fail;
+    goto out;   /* the image is BROKEN (durable.c) */
 
   put_be64 (hdr, new_size);
   put_be32 (hdr + QCOW2_HDR_CRYPT_METHOD - QCOW2_HDR_SIZE,
@@ -65,7 +65,7 @@ qcow2_grow_l1 (struct qcow2_image *img, uint64_t new_size, uint32_t new_l1_size)
   r = qcow2_meta_write_durable (img, QCOW2_RULE_HEADER_LAST, hdr, sizeof hdr,
                                 QCOW2_HDR_SIZE);
   if (r < 0)
-    goto io_fail;
+    goto out;   /* the image is BROKEN (durable.c) */
 
   memcpy (l1, img->l1, old_bytes);
   memset ((char *) l1 + old_bytes, 0, bytes - old_bytes);
@@ -90,8 +90,6 @@ qcow2_grow_l1 (struct qcow2_image *img, uint64_t new_size, uint32_t new_l1_size)
     r = qcow2_sync_metadata (img);
   goto out;
 
- io_fail:
-  qcow2_writer_break (img, r, "growing the L1 table");
  out:
   free (table);
   free (l1);

@@ -34,6 +34,7 @@
 #include "cache.h"
 #include "internal.h"
 #include "io.h"
+#include "l2.h"
 #include "util.h"
 
 /* Pending releases: sync when this many. */
@@ -43,99 +44,65 @@
 
 /* Called with the first cluster index and the count of host clusters one
  * reference touches.  A non-zero return stops the walk: negative for an
- * error, positive to stop early (an undo that is complete).
+ * error, QCOW2_WALK_STOP to stop early (an undo that is complete).
  */
 typedef int (*ref_fn) (struct qcow2_image *img, uint64_t first,
                        uint64_t count, void *opaque);
 
-/* The clusters one L2 entry references: none, a data cluster, or the
- * clusters compressed bytes touch.
- */
-static int
-entry_refs (struct qcow2_image *img, uint64_t entry, uint64_t *first,
-            uint64_t *count)
-{
-  struct qcow2_entry st;
+/* A walk (l2.h) calling a ref_fn on every reference. */
+struct ref_walk {
+  ref_fn fn;
+  void *opaque;
+};
 
-  qcow2_entry_classify (img, entry, 0, &st);
-  *count = 0;
-  if (st.compressed) {
-    uint64_t coffset, nsec, start;
-    qcow2_compressed_extent (img, entry, &coffset, &nsec);
-    start = align_down (coffset, 512);
-    *first = start >> img->cluster_bits;
-    *count = ((start + nsec * 512 - 1) >> img->cluster_bits) - *first + 1;
-  }
-  else if (st.allocated && !img->external_data) {
-    if (!is_aligned (st.host, img->cluster_size)) {
-      qcow2_error ("%s: Cluster allocation offset %#" PRIx64 " unaligned",
-                   img->filename, st.host);
-      return -EIO;
-    }
-    *first = st.host >> img->cluster_bits;
-    *count = 1;
-  }
+static int
+table_ref (struct qcow2_image *img, uint32_t l1_index, uint64_t l2,
+           void *wv)
+{
+  const struct ref_walk *w = wv;
+
+  (void) l1_index;
+  return w->fn (img, l2 >> img->cluster_bits, 1, w->opaque);
+}
+
+static int
+entry_ref (struct qcow2_image *img, struct qcow2_walk_entry *e, void *wv)
+{
+  const struct ref_walk *w = wv;
+  uint64_t offset, len, first, count;
+  int r = qcow2_entry_refs (img, e->entry, &offset, &len);
+
+  if (r < 0 || len == 0)
+    return r;
+  first = offset >> img->cluster_bits;
+  count = ((offset + len - 1) >> img->cluster_bits) - first + 1;
   /* As check.c counts: a reference past the end of the file is
    * corruption, and must not make refcount.c grow its tables out there.
    */
-  if (*count && *first + *count >
-                div_round_up (qcow2_file_size (img), img->cluster_size)) {
+  if (first + count >
+      div_round_up (qcow2_file_size (img), img->cluster_size)) {
     qcow2_error ("%s: L2 entry %#" PRIx64 " points past the end of the "
-                 "file", img->filename, entry);
+                 "file", img->filename, e->entry);
     return -EIO;
   }
-  return 0;
+  return w->fn (img, first, count, w->opaque);
 }
 
-/* The references of one L2 table's entries, slice by slice. */
-static int
-walk_l2 (struct qcow2_image *img, uint64_t l2, ref_fn fn, void *opaque)
-{
-  for (uint64_t o = 0; o < img->cluster_size; o += img->slice_size) {
-    struct qcow2_slice *slice;
-    int r = qcow2_l2_slice_get (img, l2, o, &slice);
-
-    if (r < 0)
-      return r;
-    for (uint32_t j = 0; r == 0 && j < img->slice_entries; j++) {
-      uint64_t first, count;
-      r = entry_refs (img, qcow2_l2_load (slice->data +
-                                           j * img->l2_entry_bytes),
-                      &first, &count);
-      if (r == 0 && count)
-        r = fn (img, first, count, opaque);
-    }
-    qcow2_cache_put (img->l2_cache, slice);
-    if (r != 0)
-      return r;
-  }
-  return 0;
-}
-
-/* Every reference an L1 table makes: the entries of each L2 table, then
- * the table itself.  fn runs with a slice pinned, so it must not sync
- * (a sync may drop slices from the cache).  Stops at the first non-zero
- * return of fn and returns it.
+/* Every reference an L1 table makes: each L2 table, then its entries.
+ * fn runs with a slice pinned, so it must not sync (a sync may drop
+ * slices from the cache).  Stops at the first non-zero return of fn and
+ * returns it.
  */
 static int
 walk_refs (struct qcow2_image *img, const uint64_t *l1, uint32_t l1_size,
            ref_fn fn, void *opaque)
 {
-  for (uint32_t i = 0; i < l1_size; i++) {
-    uint64_t l2 = l1[i] & QCOW2_L1E_OFFSET_MASK;
-    int r;
+  struct ref_walk w = { fn, opaque };
+  const struct qcow2_walk walk = {
+    .table = table_ref, .entry = entry_ref, .opaque = &w,
+  };
 
-    if (!l2)
-      continue;
-    r = qcow2_l2_offset_check (img, l2);
-    if (r == 0)
-      r = walk_l2 (img, l2, fn, opaque);
-    if (r == 0)
-      r = fn (img, l2 >> img->cluster_bits, 1, opaque);
-    if (r != 0)
-      return r;
-  }
-  return 0;
+  return qcow2_walk_l1 (img, l1, l1_size, &walk);
 }
 
 /* Adding (or taking back) one reference per reference, counting them so
@@ -155,7 +122,7 @@ adjust_ref (struct qcow2_image *img, uint64_t first, uint64_t count,
 
   for (uint64_t c = first; c < first + count; c++) {
     if (a->done == a->limit)
-      return 1;
+      return QCOW2_WALK_STOP;
     r = qcow2_refcount_update (img, c, a->delta);
     if (r < 0)
       return r;
@@ -322,7 +289,7 @@ replace_table (struct qcow2_image *img, struct qcow2_snapshot *snaps,
       r = qcow2_meta_write_durable (img, QCOW2_RULE_HEADER_LAST, buf, len,
                                     offset);
     if (r < 0)
-      goto io_fail;
+      goto out;
   }
   /* nb_snapshots and snapshots_offset: adjacent, one write. */
   put_be32 (hdr, n);
@@ -331,7 +298,7 @@ replace_table (struct qcow2_image *img, struct qcow2_snapshot *snaps,
   r = qcow2_meta_write_durable (img, QCOW2_RULE_HEADER_LAST, hdr, sizeof hdr,
                                 QCOW2_HDR_NB_SNAPSHOTS);
   if (r < 0)
-    goto io_fail;
+    goto out;   /* the failed write made the image BROKEN (durable.c) */
 
   qcow2_snapshots_free (img->snapshots, img->nb_snapshots);
   img->snapshots = snaps;
@@ -351,8 +318,6 @@ replace_table (struct qcow2_image *img, struct qcow2_snapshot *snaps,
   free (buf);
   return 0;
 
- io_fail:
-  qcow2_writer_break (img, r, "writing the snapshot table");
  out:
   qcow2_error ("%s: could not write the snapshot table: %s",
                img->filename, strerror (-r));

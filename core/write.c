@@ -30,8 +30,6 @@
 #include "rangelock.h"
 #include "util.h"
 
-#define ALL_SUBCLUSTERS 0xffffffffull
-
 /* Write guest bytes to a host offset, encrypting when needed.  Partial
  * sectors of an encrypted image are read, decrypted, merged and
  * re-encrypted.
@@ -69,15 +67,8 @@ write_host (struct qcow2_image *img, const unsigned char *buf, uint64_t len,
       /* The file may have grown (see above): let the read path, which
        * refuses data past the known end, see the bytes just written.
        */
-      uint64_t *size = img->external_data ? &img->data_file_size
-                                          : &img->file_size;
-      uint64_t end = host + len;
-      uint64_t old = __atomic_load_n (size, __ATOMIC_ACQUIRE);
-      while (end > old &&
-             !__atomic_compare_exchange_n (size, &old, end,
-                                           false, __ATOMIC_RELEASE,
-                                           __ATOMIC_ACQUIRE))
-        ;
+      qcow2_size_grow (img->external_data ? &img->data_file_size
+                                          : &img->file_size, host + len);
     }
   }
   else {
@@ -207,7 +198,7 @@ write_whole_clusters (struct qcow2_image *img, const unsigned char *buf,
     uint64_t cluster_host = host + (i << img->cluster_bits);
     r = qcow2_entry_publish (img, guest + (i << img->cluster_bits),
                  owned_entry (cluster_host),
-                 img->extended_l2 ? ALL_SUBCLUSTERS : 0, true);
+                 img->extended_l2 ? QCOW2_ALL_SUBCLUSTERS : 0, true);
   }
   return r;
 }
@@ -263,7 +254,8 @@ write_subclusters (struct qcow2_image *img, const unsigned char *buf,
   unsigned first = (unsigned) ((offset - guest) / sub);
   unsigned last = (unsigned) ((offset + len - 1 - guest) / sub);
   uint64_t touched = ((2ull << last) - 1) & ~((1ull << first) - 1);
-  uint64_t alloc = st->bitmap & ALL_SUBCLUSTERS, zero = st->bitmap >> 32;
+  uint64_t alloc = st->bitmap & QCOW2_ALL_SUBCLUSTERS;
+  uint64_t zero = st->bitmap >> 32;
   uint64_t wstart, wend, host;
   unsigned char *content;
   bool replace = st->compressed || (st->allocated && !st->owned);
@@ -274,7 +266,7 @@ write_subclusters (struct qcow2_image *img, const unsigned char *buf,
     wstart = 0;
     wend = cs;
     if (st->compressed) {
-      alloc = ALL_SUBCLUSTERS;
+      alloc = QCOW2_ALL_SUBCLUSTERS;
       zero = 0;
     }
   }
