@@ -17,8 +17,9 @@
  * refcount decrease that makes them true is durable: a crash can leave a
  * flag clear where it could be set (qemu-img check counts the mismatch;
  * writers merely copy once more), never set on a shared cluster.  A crash
- * between the two writes of one such pair leaves a mismatch that `qemu-img
- * check -r all` (or check=repair) fixes: QEMU has the same windows.
+ * between the two writes of one such pair leaves a mismatch (QEMU has the
+ * same windows), so each operation marks the image dirty on disk while it
+ * runs (run_locked): the next read-write open repairs it.
  *
  * These run before the image serves requests (plugin startup), with the
  * image writable, so the in-memory tables change without a reader
@@ -372,12 +373,45 @@ new_id (const struct qcow2_image *img)
 
 /* --- The operations ------------------------------------------------- */
 
-/* Run an operation under the writer lock, on a writable sound image. */
+/* Set or clear the dirty bit on disk (rule 7), then in the header copy
+ * (memory follows disk).  Version 2 images have no such bit.
+ */
+static int
+mark_dirty (struct qcow2_image *img, bool dirty)
+{
+  uint64_t features = dirty
+    ? img->h.incompatible_features | QCOW2_INCOMPAT_DIRTY
+    : img->h.incompatible_features & ~QCOW2_INCOMPAT_DIRTY;
+  unsigned char field[8];
+  int r;
+
+  if (img->h.version < 3 || features == img->h.incompatible_features)
+    return 0;
+  put_be64 (field, features);
+  r = qcow2_meta_write_durable (img, QCOW2_RULE_IN_PLACE, field,
+                                sizeof field,
+                                QCOW2_HDR_INCOMPATIBLE_FEATURES);
+  if (r == 0)
+    img->h.incompatible_features = features;
+  return r;
+}
+
+/* Run an operation under the writer lock, on a writable sound image.
+ *
+ * The image is marked dirty on disk for the length of the operation: its
+ * crash windows (head comment) leave COPIED flags that disagree with
+ * refcounts, which qemu-img check counts as corruption.  A dirty image
+ * has its refcounts and flags repaired at the next read-write open (by
+ * this engine, image.c, and by QEMU), so an operation cut short by a
+ * crash or a failing disk (the image then stays BROKEN and writes
+ * nothing more, the mark included) costs a repair, never a corruption.
+ * The mark goes only after everything the operation changed is durable.
+ */
 static int
 run_locked (struct qcow2_image *img, const char *what,
             int (*op) (struct qcow2_image *, const char *), const char *arg)
 {
-  int r;
+  int r, r2;
 
   if (qcow2_writer_state (img) == QCOW2_WRITER_BROKEN)
     return qcow2_writer_refuse_broken (img);
@@ -387,7 +421,20 @@ run_locked (struct qcow2_image *img, const char *what,
     return -EROFS;
   }
   qcow2_writer_lock (img);
-  r = op (img, arg);
+  r = mark_dirty (img, true);
+  if (r == 0) {
+    r = op (img, arg);
+    /* Also after a refused or undone operation: it may have changed
+     * metadata before it stopped.
+     */
+    if (qcow2_writer_state (img) != QCOW2_WRITER_BROKEN) {
+      r2 = qcow2_sync_metadata (img);
+      if (r2 == 0)
+        r2 = mark_dirty (img, false);
+      if (r == 0)
+        r = r2;
+    }
+  }
   qcow2_writer_unlock (img);
   return r;
 }

@@ -366,11 +366,15 @@ verify (struct state *st, const char *path)
   struct qcow2_io *io;
   int r;
 
-  r = qcow2_io_file_open (path, QCOW2_IO_READ_ONLY, &io);
+  /* Reopened read-write, as a server would: an image left dirty (an
+   * operation cut short: snapshot_ops.c run_locked) is repaired then.
+   */
+  r = qcow2_io_file_open (path, QCOW2_IO_READ_WRITE, &io);
   if (r == 0) {
     qcow2_open_options_init (&opts);
     opts.filename = path;
     opts.follow_backing = false;
+    opts.writable = true;
     r = qcow2_open_io (io, &opts, &img);
   }
   out->reopen = r;
