@@ -18,7 +18,7 @@
 #include "crypt.h"
 #include "internal.h"
 #include "io.h"
-#include "lock.h"
+#include "image_lock.h"
 #include "rangelock.h"
 #include "util.h"
 
@@ -68,12 +68,6 @@ qcow2_may_write (const struct qcow2_image *img)
          qcow2_writer_state (img) != QCOW2_WRITER_BROKEN &&
          qcow2_io_is_writable (img->io) &&
          (img->data_io == img->io || qcow2_io_is_writable (img->data_io));
-}
-
-bool
-qcow2_is_writable (const struct qcow2_image *img)
-{
-  return qcow2_writer_state (img) == QCOW2_WRITER_WRITABLE;
 }
 
 static void

@@ -1,17 +1,52 @@
 /* The engine's internal structures and the interfaces between its files.
  *
- * Layering (each file uses only those above it):
- *   io        byte backend (host file, memory)
- *   header    parse and validate the header and its extensions
- *   snapshot  the snapshot table
- *   cache     bounded metadata slice cache
- *   map       guest offset -> run of one cluster kind (L1 -> L2 -> entry)
- *   codec     decompression of compressed clusters
- *   crypt     encryption of data sectors
- *   backing   what lies below an image: a qcow2 image, a raw file, nothing
- *   read      the read path; extents; image (open/close, public API)
- *   bitmap    persistent dirty bitmaps: in memory (bitmap.c), on disk
- *             (bitmap_store.c)
+ * Layering.  core/ has a folder a layer, listed here bottom-up; a file
+ * calls into its own layer and those listed before it, never after, but
+ * for the exceptions named at the end.
+ *
+ *   core/          shared leaves
+ *     util.h         byte order, alignment, is_zero, small helpers
+ *     error.c        the message channels: errors, and debug (debug.c:
+ *                    the -D qcow2.* flags)
+ *     writer.c       the writer state (read-only, enabling, writable,
+ *                    broken) with its transitions, and the writer lock's
+ *                    checks
+ *   backends/      byte backends behind io.h: a host file (io_file.c),
+ *                  memory (io_mem.c); QEMU's image locks (image_lock.c)
+ *   format/        the on-disk format: offsets and flags (format.h); the
+ *                  header and its extensions (header.c); the snapshot table
+ *                  (snapshot_table.c)
+ *   crypto/        encryption of data sectors, behind crypt.h
+ *   metadata/      caches and tables, for readers and the writer
+ *     cache.c        bounded slice cache (L2 tables, refcount blocks)
+ *     durable.c      the durability primitive, and the numbered ordering
+ *                    rules that every metadata write names
+ *     overlap.c      which clusters hold metadata; writes over them refused
+ *     refcount.c     refcounts and cluster allocation
+ *     l2.c           the L2 offset check, guest offset -> L2 slice, the
+ *                    L1/L2 walk, what an entry means
+ *     map.c          guest offset -> run of one cluster kind (readers)
+ *     l2_write.c     L2 tables and entries for writers: allocate, copy,
+ *                    publish
+ *     copied.c       the COPIED flags
+ *     flush.c        metadata write-back in dependency order; client flush
+ *   requests/      the read and write paths
+ *     rangelock.c    locks on the guest clusters a request touches
+ *     codec.c        compression and decompression of clusters
+ *     backing.c      what lies below an image: a qcow2 image, a raw file,
+ *                    nothing
+ *     read.c, extents.c, snapshot_view.c (reading a snapshot)
+ *     write.c, discard.c (zero, trim), compressed_write.c
+ *   operations/    whole-image operations: check.c, snapshots.c,
+ *                  resize.c, create.c; persistent dirty bitmaps in memory
+ *                  (bitmap.c) and on disk (bitmap_store.c)
+ *   image.c        open and close: the public API's entry
+ *
+ * The exceptions, each one narrow interface: refcount.c announces a freed
+ * cluster to compressed_write.c (qcow2_on_cluster_freed), whose packer
+ * keeps its state to itself; the write paths mark persistent bitmaps
+ * (qcow2_bitmaps_mark, lock-free); backing.c opens the image below, and
+ * create.c the image it made, through image.c.
  */
 #ifndef QCOW2_INTERNAL_H
 #define QCOW2_INTERNAL_H
@@ -89,7 +124,7 @@ int qcow2_header_read (struct qcow2_io *io, uint64_t file_size,
                        const char *filename, struct qcow2_header *h);
 void qcow2_header_free (struct qcow2_header *h);
 
-/* snapshot.c */
+/* snapshot_table.c */
 struct qcow2_snapshot {
   uint64_t l1_table_offset;
   uint32_t l1_size;
@@ -203,7 +238,7 @@ struct qcow2_writer {
   struct qcow2_overlap *overlap;  /* metadata clusters: see overlap.c */
   uint64_t compressed_free;       /* next free byte for compressed data in
                                    * a partly used host cluster; 0: none
-                                   * (compress.c's alone) */
+                                   * (compressed_write.c's alone) */
   bool enospc_quiet;              /* qcow2_alloc_clusters_try is running */
   struct qcow2_flusher flusher;   /* its own lock, never held with `lock` */
 };
@@ -456,7 +491,7 @@ int qcow2_image_open (struct qcow2_io *io, const struct qcow2_open_options *opts
                       struct qcow2_image **image_out);
 
 /* read.c: read through a given L1, the active one or a snapshot's
- * (view.c).  Takes no range lock: snapshot clusters are never written in
+ * (snapshot_view.c).  Takes no range lock: snapshot clusters are never written in
  * place, and qcow2_read takes the active image's when it needs them.
  */
 int qcow2_read_l1 (struct qcow2_image *img, const uint64_t *l1,
@@ -499,12 +534,12 @@ int qcow2_free_later (struct qcow2_image *img, uint64_t offset, uint64_t len);
 /* The hook refcount.c calls, under the writer lock, each time the
  * refcount of host cluster `cluster` drops to 0: the allocator may now
  * hand it out whole.  It belongs to the layer above that keeps a cluster
- * without a reference of its own, compress.c, whose packer forgets a
+ * without a reference of its own, compressed_write.c, whose packer forgets a
  * partly filled cluster then; refcount.c knows nothing of that state.
  */
 void qcow2_on_cluster_freed (struct qcow2_image *img, uint64_t cluster);
 
-/* cluster.c: L2 entries for writers, under the writer lock. */
+/* l2_write.c: L2 entries for writers, under the writer lock. */
 
 /* Pin the L2 slice holding the entry of guest offset `guest`, first
  * allocating the L2 table, or copying it if it is shared with a snapshot,
@@ -778,7 +813,7 @@ qcow2_l1_entry (const uint64_t *l1, uint64_t index)
   return __atomic_load_n (&l1[index], __ATOMIC_ACQUIRE);
 }
 
-/* Compression on write (codec.c, compress.c). */
+/* Compression on write (codec.c, compressed_write.c). */
 
 /* codec.c: compress in_len bytes into out, as QEMU writes compressed
  * clusters (raw deflate, window bits -12, default level; zstd at its

@@ -28,7 +28,7 @@ struct qcow2_open_options {
   /* Open for writing. */
   bool writable;
 
-  /* Take QEMU-compatible image locks (see lock.h). */
+  /* Take QEMU-compatible image locks (see image_lock.h). */
   bool lock;
 
   /* Do not open the backing file at all: unallocated clusters read as

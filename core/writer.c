@@ -145,3 +145,10 @@ qcow2_writer_refuse_broken (struct qcow2_image *img)
                "reopen the image to write again", img->filename, why);
   return -EIO;
 }
+
+/* Public (qcow2.h): may requests write now? */
+bool
+qcow2_is_writable (const struct qcow2_image *img)
+{
+  return qcow2_writer_state (img) == QCOW2_WRITER_WRITABLE;
+}

@@ -23,7 +23,7 @@
  * and each dead compressed version would pin a share of a host cluster.)
  *
  * Locking: a request holds the units it touches in the engine's range
- * lock (core/rangelock.h, over unit numbers): shared when it covers them
+ * lock (core/requests/rangelock.h, over unit numbers): shared when it covers them
  * all whole, exclusive when it covers an end unit partly, as it may
  * complete and rewrite it.  A rewrite holds its unit exclusive, so that
  * no write to the unit can land between its read and its write (and be

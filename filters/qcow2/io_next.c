@@ -1,5 +1,5 @@
 /* The engine's byte backend over the layer below the filter: one shared
- * nbdkit context (see qcow2.c), seen as a fixed-size container (core/io.h).
+ * nbdkit context (see qcow2.c), seen as a fixed-size container (core/backends/io.h).
  *
  * Invariants:
  * - the container's size and abilities are read once, when the backend is

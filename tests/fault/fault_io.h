@@ -4,7 +4,7 @@
  */
 
 /* A failing byte backend for fault-injection tests: it wraps another
- * qcow2_io (core/io.h) and fails the k-th pwrite or the k-th flush with
+ * qcow2_io (core/backends/io.h) and fails the k-th pwrite or the k-th flush with
  * -EIO.  Counting starts at 1 when the wrapper is made; with k == 0
  * nothing fails and the wrapper only counts, which is how a test learns
  * how many points a workload has.

@@ -367,7 +367,7 @@ verify (struct state *st, const char *path)
   int r;
 
   /* Reopened read-write, as a server would: an image left dirty (an
-   * operation cut short: snapshot_ops.c run_locked) is repaired then.
+   * operation cut short: snapshots.c run_locked) is repaired then.
    */
   r = qcow2_io_file_open (path, QCOW2_IO_READ_WRITE, &io);
   if (r == 0) {

@@ -23,7 +23,7 @@ crash: a preloaded shim journals the server's writes and syncs on the
 image, and after the kill the image is rebuilt from its state at the
 start of the round, every write before the last completed sync, and a
 random subset of the writes after it (what a disk cache may have kept).
-That tests the sync ordering (flush.c, cluster.c, refcount.c), which a
+That tests the sync ordering (flush.c, l2_write.c, refcount.c), which a
 SIGKILL alone cannot: the page cache survives it.
 
 Rounds are run on: 64 KiB clusters, 4 KiB clusters, an overlay over a

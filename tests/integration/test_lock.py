@@ -1,4 +1,4 @@
-"""Image locking against QEMU 7.2 (core/lock.c).
+"""Image locking against QEMU 7.2 (core/backends/image_lock.c).
 
 The plugin does not call the locking code yet, so these tests drive it
 through the `test_lock hold FILE rw|ro` mode of the unit test binary: it

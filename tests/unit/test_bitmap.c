@@ -3,7 +3,7 @@
  * SPDX-License-Identifier: BSD-3-Clause (see LICENSE)
  */
 
-/* Unit test of persistent dirty bitmaps (core/bitmap.c, bitmap_store.c)
+/* Unit test of persistent dirty bitmaps (core/operations/bitmap.c, bitmap_store.c)
  * on an image file the engine creates:
  *
  * - eight threads write, zero and trim at random at once; afterwards every

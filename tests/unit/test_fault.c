@@ -106,7 +106,7 @@ static bool have_qemu;
 /* What qemu-img check says about one image, worst first.  Its messages
  * tell corruptions apart:
  * - a COPIED flag clear on a cluster whose refcount is 1 costs one extra
- *   copy and nothing else (snapshot_ops.c documents the window, which
+ *   copy and nothing else (snapshots.c documents the window, which
  *   QEMU has too);
  * - COPIED set on a cluster whose refcount is above 1 while qemu-img
  *   finds one reference only (it reports the cluster leaked): the flag

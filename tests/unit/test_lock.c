@@ -3,7 +3,7 @@
  * SPDX-License-Identifier: BSD-3-Clause (see LICENSE)
  */
 
-/* Unit test of core/lock.c, and a lock holder for the integration test.
+/* Unit test of core/backends/image_lock.c, and a lock holder for the integration test.
  *
  *   test_lock
  *       Runs the unit test on a temporary file.  Each "opener" is a
@@ -29,7 +29,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "lock.h"
+#include "image_lock.h"
 #include "qcow2.h"
 #include "testing.h"
 

@@ -3,7 +3,7 @@
  * SPDX-License-Identifier: BSD-3-Clause (see LICENSE)
  */
 
-/* Unit test of core/rangelock.c: which requests exclude each other, which
+/* Unit test of core/requests/rangelock.c: which requests exclude each other, which
  * run together, and that an exclusive request is not starved by shared
  * ones.  Each contender is a thread that locks its range, reports it
  * (a semaphore post), and holds it until told to let go.  "Waits" is

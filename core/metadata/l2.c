@@ -1,8 +1,8 @@
 /* Reaching L2 entries through an L1 table: see l2.h.
  *
  * Every reader of L2 entries comes through here: the read path (map.c)
- * and the writer's lookup (cluster.c) one slice at a time, the
- * whole-table passes (check.c, copied.c, snapshot_ops.c) by the walk.  So
+ * and the writer's lookup (l2_write.c) one slice at a time, the
+ * whole-table passes (check.c, copied.c, snapshots.c) by the walk.  So
  * an L2 table offset from an untrusted L1 entry is checked in one place
  * before anything reads there.
  */
@@ -167,4 +167,20 @@ qcow2_entry_refs (struct qcow2_image *img, uint64_t entry, uint64_t *offset,
     *len = img->cluster_size;
   }
   return 0;
+}
+
+/* What an L2 entry means for a writer (internal.h). */
+void
+qcow2_entry_classify (const struct qcow2_image *img, uint64_t entry,
+                      uint64_t bitmap, struct qcow2_entry *st)
+{
+  st->entry = entry;
+  st->bitmap = bitmap;
+  st->compressed = entry & QCOW2_OFLAG_COMPRESSED;
+  st->host = st->compressed ? 0 : entry & QCOW2_L2E_OFFSET_MASK;
+  st->allocated = !st->compressed &&
+                  (st->host != 0 ||
+                   (img->external_data && (entry & QCOW2_OFLAG_COPIED)));
+  st->owned = st->allocated &&
+              (img->external_data || (entry & QCOW2_OFLAG_COPIED));
 }

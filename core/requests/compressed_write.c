@@ -7,7 +7,7 @@
  *      clusters sit back to back at byte granularity, as QEMU's
  *      qcow2_alloc_bytes places them, and each takes one reference on
  *      every host cluster its bytes touch (the count check.c and
- *      release_entry in cluster.c expect);
+ *      release_entry in l2_write.c expect);
  *   3. write the compressed bytes, outside every lock: nobody else
  *      references them yet;
  *   4. publish the L2 entry (compressed bit, COPIED clear, no subcluster

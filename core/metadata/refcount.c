@@ -29,7 +29,7 @@
  *   refcount block or table only once the table entry or header that
  *   points at it is durable;
  * - every refcount that drops to 0 is announced to the layer above
- *   (qcow2_on_cluster_freed): the packer of compressed data (compress.c)
+ *   (qcow2_on_cluster_freed): the packer of compressed data (compressed_write.c)
  *   then forgets the cluster it packs into, which its compressed clusters
  *   alone count, so a cluster handed out whole never receives packed
  *   bytes.

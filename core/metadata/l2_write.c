@@ -146,22 +146,6 @@ qcow2_l2_entry_get (struct qcow2_image *img, uint64_t guest, uint64_t *entry,
   return 0;
 }
 
-void
-qcow2_entry_classify (const struct qcow2_image *img, uint64_t entry,
-                      uint64_t bitmap, struct qcow2_entry *st)
-{
-  st->entry = entry;
-  st->bitmap = bitmap;
-  st->compressed = entry & QCOW2_OFLAG_COMPRESSED;
-  st->host = st->compressed ? 0 : entry & QCOW2_L2E_OFFSET_MASK;
-  st->allocated = !st->compressed &&
-                  (st->host != 0 ||
-                   (img->external_data && (entry & QCOW2_OFLAG_COPIED)));
-  st->owned = st->allocated &&
-              (img->external_data || (entry & QCOW2_OFLAG_COPIED));
-}
-
-
 /* Queue the release of what an entry referenced, now that it is being
  * replaced.  External data clusters are not refcounted.
  */

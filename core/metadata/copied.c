@@ -15,7 +15,7 @@
  * needless copy.  So a pass that corrects flags clears every flag it
  * cannot justify.
  *
- * check.c counts (and repairs) wrong flags; snapshot_ops.c re-establishes
+ * check.c counts (and repairs) wrong flags; snapshots.c re-establishes
  * the rule after it changed refcounts.  Both run with no request in
  * flight.  Corrected L1 entries are written in place and L2 slices marked
  * dirty; the caller syncs.

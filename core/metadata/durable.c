@@ -23,7 +23,7 @@
  *      cluster) is written and synced before the L2 entry that maps it is
  *      written back (flush.c step 1 before step 2).
  *   4. L2 table before its L1 entry.  A new or copied L2 table is
- *      written and synced before the L1 entry points at it (cluster.c).
+ *      written and synced before the L1 entry points at it (l2_write.c).
  *   5. Refcount block before its table entry.  A new refcount block is
  *      written and synced before the refcount table entry that points at
  *      it (refcount.c).

@@ -129,7 +129,7 @@ read_compressed (struct qcow2_image *img, unsigned char *buf, uint64_t len,
   if (r == -EIO) {
     /* The last sector of the file's last compressed cluster may stop
      * short of the end of the file, which file_size (counting whole host
-     * clusters once allocated) does not show: QEMU, and compress.c, write
+     * clusters once allocated) does not show: QEMU, and compressed_write.c, write
      * only the compressed bytes.  Read what there is and zero the rest,
      * as QEMU's file driver does at the end of the file.
      */

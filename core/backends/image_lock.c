@@ -5,7 +5,7 @@
 
 /* QEMU-compatible image locking: the byte protocol of block/file-posix.c
  * (raw_apply_lock_bytes, raw_check_lock_bytes) on one file descriptor.
- * See lock.h for what the bytes mean and which ones each mode takes.
+ * See image_lock.h for what the bytes mean and which ones each mode takes.
  *
  * Invariants:
  * - we only ever take F_RDLCK locks and only probe with F_WRLCK tests,
@@ -25,7 +25,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "lock.h"
+#include "image_lock.h"
 #include "util.h"
 
 /* QEMU's permission bits (include/block/block-common.h, BLK_PERM_*).
