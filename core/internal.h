@@ -371,6 +371,11 @@ bool qcow2_writer_break_corrupt (struct qcow2_image *img, const char *why);
 
 /* -EIO, with one message saying why img is BROKEN. */
 int qcow2_writer_refuse_broken (struct qcow2_image *img);
+/* 0 if a whole-image operation (what: "resizing", ...; NULL for a
+ * request) may change the image now; else the error, reported
+ * (read-only or still enabling: -EROFS; broken: -EIO).
+ */
+int qcow2_writer_require (struct qcow2_image *img, const char *what);
 
 static inline void
 qcow2_writer_lock (struct qcow2_image *img)

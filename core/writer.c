@@ -152,3 +152,23 @@ qcow2_is_writable (const struct qcow2_image *img)
 {
   return qcow2_writer_state (img) == QCOW2_WRITER_WRITABLE;
 }
+
+int
+qcow2_writer_require (struct qcow2_image *img, const char *what)
+{
+  switch (qcow2_writer_state (img)) {
+  case QCOW2_WRITER_WRITABLE:
+    return 0;
+  case QCOW2_WRITER_BROKEN:
+    return qcow2_writer_refuse_broken (img);
+  case QCOW2_WRITER_READ_ONLY:
+  case QCOW2_WRITER_ENABLING:
+    break;
+  }
+  if (what)
+    qcow2_error ("%s: %s needs the image open read-write", img->filename,
+                 what);
+  else
+    qcow2_error ("%s: the image is open read-only", img->filename);
+  return -EROFS;
+}

@@ -469,14 +469,7 @@ lookup (struct qcow2_image *img, const char *name, bool need_consistent)
 static int
 check_manage (struct qcow2_image *img)
 {
-  if (qcow2_writer_state (img) == QCOW2_WRITER_BROKEN)
-    return qcow2_writer_refuse_broken (img);
-  if (!qcow2_is_writable (img)) {
-    qcow2_error ("%s: changing bitmaps needs the image open read-write",
-                 img->filename);
-    return -EROFS;
-  }
-  return 0;
+  return qcow2_writer_require (img, "changing bitmaps");
 }
 
 static int

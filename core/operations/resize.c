@@ -122,13 +122,9 @@ qcow2_resize (struct qcow2_image *img, uint64_t new_size)
   uint64_t needed;
   int r;
 
-  if (qcow2_writer_state (img) == QCOW2_WRITER_BROKEN)
-    return qcow2_writer_refuse_broken (img);
-  if (!qcow2_is_writable (img)) {
-    qcow2_error ("%s: resizing needs the image open read-write",
-                 img->filename);
-    return -EROFS;
-  }
+  r = qcow2_writer_require (img, "resizing");
+  if (r < 0)
+    return r;
   if (new_size < img->h.size) {
     qcow2_error ("%s: shrinking the disk from %" PRIu64 " to %" PRIu64
                  " bytes is not supported (it would discard data)",

@@ -413,13 +413,9 @@ run_locked (struct qcow2_image *img, const char *what,
 {
   int r, r2;
 
-  if (qcow2_writer_state (img) == QCOW2_WRITER_BROKEN)
-    return qcow2_writer_refuse_broken (img);
-  if (!qcow2_is_writable (img)) {
-    qcow2_error ("%s: %s a snapshot needs the image open read-write",
-                 img->filename, what);
-    return -EROFS;
-  }
+  r = qcow2_writer_require (img, what);
+  if (r < 0)
+    return r;
   qcow2_writer_lock (img);
   r = mark_dirty (img, true);
   if (r == 0) {
@@ -564,22 +560,34 @@ create_locked (struct qcow2_image *img, const char *name)
 int
 qcow2_snapshot_create (struct qcow2_image *img, const char *name)
 {
-  return run_locked (img, "creating", create_locked, name);
+  return run_locked (img, "creating a snapshot", create_locked, name);
+}
+
+/* The snapshot named name_or_id (*index) and its L1 table (*l1_out,
+ * malloc'd); a failure is reported.
+ */
+static int
+find_with_l1 (struct qcow2_image *img, const char *name_or_id,
+              uint32_t *index, uint64_t **l1_out)
+{
+  int64_t i = qcow2_snapshot_lookup (img, name_or_id);
+
+  qcow2_writer_assert_locked (img);
+  if (i < 0)
+    return (int) i;
+  *index = (uint32_t) i;
+  return qcow2_snapshot_load_l1 (img, &img->snapshots[i], l1_out);
 }
 
 static int
 delete_locked (struct qcow2_image *img, const char *name_or_id)
 {
-  qcow2_writer_assert_locked (img);
-  int64_t index = qcow2_snapshot_lookup (img, name_or_id);
-  uint32_t n = img->nb_snapshots;
+  uint32_t n = img->nb_snapshots, index = 0;
   struct qcow2_snapshot *snaps, victim;
   uint64_t *l1 = NULL;
   int r;
 
-  if (index < 0)
-    return (int) index;
-  r = qcow2_snapshot_load_l1 (img, &img->snapshots[index], &l1);
+  r = find_with_l1 (img, name_or_id, &index, &l1);
   if (r < 0)
     return r;
   victim = img->snapshots[index];
@@ -592,7 +600,7 @@ delete_locked (struct qcow2_image *img, const char *name_or_id)
   free (snaps[index].name);
   free (snaps[index].extra_unknown);
   memmove (&snaps[index], &snaps[index + 1],
-           (n - 1 - (uint32_t) index) * sizeof *snaps);
+           (n - 1 - index) * sizeof *snaps);
 
   /* First the table without it, durable; then its references go. */
   r = replace_table (img, snaps, n - 1);
@@ -612,27 +620,23 @@ delete_locked (struct qcow2_image *img, const char *name_or_id)
 int
 qcow2_snapshot_delete (struct qcow2_image *img, const char *name_or_id)
 {
-  return run_locked (img, "deleting", delete_locked, name_or_id);
+  return run_locked (img, "deleting a snapshot", delete_locked, name_or_id);
 }
 
 static int
 apply_locked (struct qcow2_image *img, const char *name_or_id)
 {
-  qcow2_writer_assert_locked (img);
-  int64_t index = qcow2_snapshot_lookup (img, name_or_id);
   unsigned l2_shift = img->cluster_bits +
                       (unsigned) __builtin_ctzll (img->l2_entries);
   const struct qcow2_snapshot *sn;
   uint64_t *sn_l1 = NULL, *old_l1 = NULL, *new_l1 = NULL, needed, disk_size;
-  uint32_t sn_l1_size, old_l1_size;
+  uint32_t sn_l1_size, old_l1_size, index = 0;
   int r;
 
-  if (index < 0)
-    return (int) index;
-  sn = &img->snapshots[index];
-  r = qcow2_snapshot_load_l1 (img, sn, &sn_l1);
+  r = find_with_l1 (img, name_or_id, &index, &sn_l1);
   if (r < 0)
     return r;
+  sn = &img->snapshots[index];
   sn_l1_size = sn->l1_size;
   disk_size = sn->disk_size;
   if (disk_size % 512) {
@@ -716,5 +720,5 @@ apply_locked (struct qcow2_image *img, const char *name_or_id)
 int
 qcow2_snapshot_apply (struct qcow2_image *img, const char *name_or_id)
 {
-  return run_locked (img, "applying", apply_locked, name_or_id);
+  return run_locked (img, "applying a snapshot", apply_locked, name_or_id);
 }

@@ -108,17 +108,7 @@ write_host (struct qcow2_image *img, const unsigned char *buf, uint64_t len,
 int
 qcow2_check_can_write (struct qcow2_image *img)
 {
-  switch (qcow2_writer_state (img)) {
-  case QCOW2_WRITER_WRITABLE:
-    return 0;
-  case QCOW2_WRITER_BROKEN:
-    return qcow2_writer_refuse_broken (img);
-  case QCOW2_WRITER_READ_ONLY:
-  case QCOW2_WRITER_ENABLING:
-    break;
-  }
-  qcow2_error ("%s: the image is open read-only", img->filename);
-  return -EROFS;
+  return qcow2_writer_require (img, NULL);
 }
 
 /* Write in place the prefix of [offset, offset + len) that is exclusively
