@@ -340,8 +340,8 @@ grow_reftable (struct qcow2_image *img, uint64_t need)
   old_offset = w->reftable_offset;
   old_clusters = div_round_up (w->reftable_entries * 8, img->cluster_size);
   put_be64 (hdr, area_offset + (blocks << img->cluster_bits));
-  put_be32 (hdr + QCOW2_HDR_REFCOUNT_TABLE_CLUSTERS -
-            QCOW2_HDR_REFCOUNT_TABLE_OFFSET, (uint32_t) table_clusters);
+  put_be32 (hdr + (QCOW2_HDR_REFCOUNT_TABLE_CLUSTERS -
+            QCOW2_HDR_REFCOUNT_TABLE_OFFSET), (uint32_t) table_clusters);
   r = qcow2_meta_write_durable (img, QCOW2_RULE_HEADER_LAST, hdr, sizeof hdr,
                                 QCOW2_HDR_REFCOUNT_TABLE_OFFSET);
   if (r < 0)

@@ -58,10 +58,10 @@ qcow2_grow_l1 (struct qcow2_image *img, uint64_t new_size, uint32_t new_l1_size)
     goto out;   /* the image is BROKEN (durable.c) */
 
   put_be64 (hdr, new_size);
-  put_be32 (hdr + QCOW2_HDR_CRYPT_METHOD - QCOW2_HDR_SIZE,
+  put_be32 (hdr + (QCOW2_HDR_CRYPT_METHOD - QCOW2_HDR_SIZE),
             img->h.crypt_method);
-  put_be32 (hdr + QCOW2_HDR_L1_SIZE - QCOW2_HDR_SIZE, new_l1_size);
-  put_be64 (hdr + QCOW2_HDR_L1_TABLE_OFFSET - QCOW2_HDR_SIZE, new_offset);
+  put_be32 (hdr + (QCOW2_HDR_L1_SIZE - QCOW2_HDR_SIZE), new_l1_size);
+  put_be64 (hdr + (QCOW2_HDR_L1_TABLE_OFFSET - QCOW2_HDR_SIZE), new_offset);
   r = qcow2_meta_write_durable (img, QCOW2_RULE_HEADER_LAST, hdr, sizeof hdr,
                                 QCOW2_HDR_SIZE);
   if (r < 0)

@@ -294,7 +294,7 @@ replace_table (struct qcow2_image *img, struct qcow2_snapshot *snaps,
   }
   /* nb_snapshots and snapshots_offset: adjacent, one write. */
   put_be32 (hdr, n);
-  put_be64 (hdr + QCOW2_HDR_SNAPSHOTS_OFFSET - QCOW2_HDR_NB_SNAPSHOTS,
+  put_be64 (hdr + (QCOW2_HDR_SNAPSHOTS_OFFSET - QCOW2_HDR_NB_SNAPSHOTS),
             offset);
   r = qcow2_meta_write_durable (img, QCOW2_RULE_HEADER_LAST, hdr, sizeof hdr,
                                 QCOW2_HDR_NB_SNAPSHOTS);
