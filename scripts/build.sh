@@ -10,4 +10,9 @@ werror=()
 if [ ! -f "$dir/build.ninja" ]; then
   meson setup "$dir" "${werror[@]}" "$@" >/dev/null
 fi
-ninja -C "$dir" >/dev/null
+# Quiet when it works; ninja prints compiler errors on stdout, so show
+# everything when it does not.
+if ! log=$(ninja -C "$dir" 2>&1); then
+  printf '%s\n' "$log" >&2
+  exit 1
+fi
