@@ -418,7 +418,10 @@ run_locked (struct qcow2_image *img, const char *what,
     return r;
   qcow2_writer_lock (img);
   r = mark_dirty (img, true);
-  if (r == 0) {
+  if (r < 0)
+    qcow2_error ("%s: could not write the header's dirty bit before %s: %s",
+                 img->filename, what, strerror (-r));
+  else {
     r = op (img, arg);
     /* Also after a refused or undone operation: it may have changed
      * metadata before it stopped.
