@@ -137,8 +137,11 @@ fault_fd (struct qcow2_io *io)
 static void
 fault_close (struct qcow2_io *io)
 {
-  qcow2_io_close (to_fault (io)->inner);
-  free (io);
+  struct fault_io *f = to_fault (io);
+
+  if (!f->p->borrow_inner)
+    qcow2_io_close (f->inner);
+  free (f);
 }
 
 #define FAULT_OPS(fixed)                        \

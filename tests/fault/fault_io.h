@@ -4,8 +4,8 @@
  */
 
 /* A failing byte backend for fault-injection tests: it wraps another
- * qcow2_io (core/backends/io.h) and fails the k-th pwrite or the k-th flush with
- * -EIO.  Counting starts at 1 when the wrapper is made; with k == 0
+ * qcow2_io (core/backends/io.h) and fails the k-th pwrite or the k-th
+ * flush with -EIO.  Counting starts at 1 when the wrapper is made; with k == 0
  * nothing fails and the wrapper only counts, which is how a test learns
  * how many points a workload has.
  *
@@ -41,10 +41,13 @@ struct fault_plan {
   uint64_t k;                   /* 0: fail nothing, only count */
   uint64_t writes, flushes;     /* calls seen, failed or not */
   bool fired;                   /* the fault has been injected */
+  bool borrow_inner;            /* closing the wrapper leaves inner open
+                                 * (to reopen the same bytes) */
 };
 
-/* Takes ownership of inner (closing the wrapper closes it); plan must
- * outlive the wrapper.  NULL (inner closed) if out of memory.
+/* Takes ownership of inner (closing the wrapper closes it, unless
+ * plan->borrow_inner); plan must outlive the wrapper.  NULL (inner
+ * closed) if out of memory.
  */
 struct qcow2_io *fault_io_new (struct qcow2_io *inner,
                                struct fault_plan *plan);

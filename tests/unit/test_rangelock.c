@@ -107,27 +107,25 @@ pair (uint64_t hold_first, uint64_t hold_count, bool hold_excl,
 {
   struct qcow2_rangelock *rl = qcow2_rangelock_new ();
   struct contender c;
+  char want[64], held[64];
 
   CHECK (rl != NULL, "qcow2_rangelock_new");
+  snprintf (want, sizeof want, "[%llu,+%llu) %s", (unsigned long long) first,
+            (unsigned long long) count, excl ? "exclusive" : "shared");
+  snprintf (held, sizeof held, "[%llu,+%llu) %s",
+            (unsigned long long) hold_first,
+            (unsigned long long) hold_count,
+            hold_excl ? "exclusive" : "shared");
   qcow2_rangelock_lock (rl, hold_first, hold_count, hold_excl);
   start (&c, rl, first, count, excl);
   if (expect_wait) {
-    CHECK (!got_within (&c, WAITS),
-           "[%llu,+%llu) %s got the lock while [%llu,+%llu) %s is held",
-           (unsigned long long) first, (unsigned long long) count,
-           excl ? "exclusive" : "shared",
-           (unsigned long long) hold_first, (unsigned long long) hold_count,
-           hold_excl ? "exclusive" : "shared");
+    CHECK (!got_within (&c, WAITS), "%s got the lock while %s is held",
+           want, held);
     qcow2_rangelock_unlock (rl, hold_first, hold_count);
     CHECK (got_within (&c, PROCEEDS), "no lock after the holder let go");
   }
   else {
-    CHECK (got_within (&c, PROCEEDS),
-           "[%llu,+%llu) %s waits for [%llu,+%llu) %s",
-           (unsigned long long) first, (unsigned long long) count,
-           excl ? "exclusive" : "shared",
-           (unsigned long long) hold_first, (unsigned long long) hold_count,
-           hold_excl ? "exclusive" : "shared");
+    CHECK (got_within (&c, PROCEEDS), "%s waits for %s", want, held);
     qcow2_rangelock_unlock (rl, hold_first, hold_count);
   }
   finish (&c);

@@ -29,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fault_io.h"
 #include "io.h"
 #include "qcow2.h"
 #include "testing.h"
@@ -36,133 +37,46 @@
 #define CONTAINER (64u << 20)
 #define DISK (32u << 20)
 
-/* ------------------------------------------------------------------ */
-/* A failing io: forwards to a memory container, except that the k-th
- * pwrite (or flush) from the moment it is armed fails with -EIO.  It does
- * not own the container, so the same bytes can be opened again.
+/* The failing io is tests/fault/fault_io.c's, one-shot, over a memory
+ * container the test keeps (borrow_inner), so the same bytes can be
+ * opened again.
  */
 
-struct faulty_io {
-  struct qcow2_io io;
-  struct qcow2_io_ops ops;
-  struct qcow2_io *inner;
-  unsigned fail_pwrite_at, fail_flush_at;   /* 0: never */
-  unsigned pwrites, flushes;                /* counted since armed */
-  unsigned failures;
-  unsigned *pwrites_at_close;   /* if set, gets pwrites when closed */
-};
-
-static int
-faulty_pread (struct qcow2_io *io, void *buf, size_t len, uint64_t offset)
-{
-  struct faulty_io *f = (struct faulty_io *) io;
-  return qcow2_io_pread (f->inner, buf, len, offset);
-}
-
-static int
-faulty_pwrite (struct qcow2_io *io, const void *buf, size_t len,
-               uint64_t offset)
-{
-  struct faulty_io *f = (struct faulty_io *) io;
-
-  if (++f->pwrites == f->fail_pwrite_at) {
-    f->failures++;
-    return -EIO;
-  }
-  return qcow2_io_pwrite (f->inner, buf, len, offset);
-}
-
-static int
-faulty_flush (struct qcow2_io *io)
-{
-  struct faulty_io *f = (struct faulty_io *) io;
-
-  if (++f->flushes == f->fail_flush_at) {
-    f->failures++;
-    return -EIO;
-  }
-  return qcow2_io_flush (f->inner);
-}
-
-static int
-faulty_get_size (struct qcow2_io *io, uint64_t *size)
-{
-  struct faulty_io *f = (struct faulty_io *) io;
-  return qcow2_io_get_size (f->inner, size);
-}
-
-static bool
-faulty_is_writable (struct qcow2_io *io)
-{
-  struct faulty_io *f = (struct faulty_io *) io;
-  return qcow2_io_is_writable (f->inner);
-}
-
-static int
-faulty_fd (struct qcow2_io *io)
-{
-  (void) io;
-  return -1;
-}
-
+/* Count from now; fail the k-th call of target (k == 0: none). */
 static void
-faulty_close (struct qcow2_io *io)
+arm (struct fault_plan *plan, enum fault_target target, uint64_t k)
 {
-  struct faulty_io *f = (struct faulty_io *) io;
-
-  if (f->pwrites_at_close)
-    *f->pwrites_at_close = f->pwrites;
-  free (f);   /* not the container: the test keeps it */
-}
-
-static struct faulty_io *
-faulty_new (struct qcow2_io *inner)
-{
-  struct faulty_io *f = calloc (1, sizeof *f);
-
-  if (!f)
-    abort ();
-  /* The container's ops, for fixed_size and anything not overridden. */
-  f->ops = *inner->ops;
-  f->ops.pread = faulty_pread;
-  f->ops.pwrite = faulty_pwrite;
-  f->ops.flush = faulty_flush;
-  f->ops.get_size = faulty_get_size;
-  f->ops.is_writable = faulty_is_writable;
-  f->ops.fd = faulty_fd;
-  f->ops.close = faulty_close;
-  f->io.ops = &f->ops;
-  f->inner = inner;
-  return f;
-}
-
-/* Count from now; fail the k-th pwrite / flush (0: none). */
-static void
-arm (struct faulty_io *f, unsigned pwrite_k, unsigned flush_k)
-{
-  f->pwrites = f->flushes = f->failures = 0;
-  f->fail_pwrite_at = pwrite_k;
-  f->fail_flush_at = flush_k;
+  plan->target = target;
+  plan->mode = FAULT_ONE_SHOT;
+  plan->k = k;
+  plan->writes = plan->flushes = 0;
+  plan->fired = false;
 }
 
 /* ------------------------------------------------------------------ */
 
+/* Open the image in container through a failing io that plan (which
+ * must outlive the image) controls; nothing fails until it is armed.
+ */
 static struct qcow2_image *
 open_image (struct qcow2_io *container, bool writable,
-            struct faulty_io **f_out)
+            struct fault_plan *plan)
 {
   struct qcow2_open_options opts;
   struct qcow2_image *img = NULL;
-  struct faulty_io *f = faulty_new (container);
+  struct qcow2_io *io;
   int r;
 
+  *plan = (struct fault_plan) { .borrow_inner = true };
+  io = fault_io_new (container, plan);
+  if (!io)
+    abort ();
   qcow2_open_options_init (&opts);
   opts.filename = "container";
   opts.follow_backing = false;
   opts.writable = writable;
-  r = qcow2_open_io (&f->io, &opts, &img);
+  r = qcow2_open_io (io, &opts, &img);
   CHECK (r == 0, "open: %s", strerror (-r));
-  *f_out = r == 0 ? f : NULL;
   return img;
 }
 
@@ -171,17 +85,17 @@ new_container (uint32_t cluster_size)
 {
   struct qcow2_create_options co;
   struct qcow2_io *container = qcow2_io_mem_container_new (CONTAINER);
-  struct faulty_io *f;
+  struct fault_plan plan = { .borrow_inner = true };   /* fails nothing */
+  struct qcow2_io *io;
   int r;
 
-  if (!container)
+  if (!container || !(io = fault_io_new (container, &plan)))
     abort ();
-  f = faulty_new (container);
   qcow2_create_options_init (&co);
   co.filename = "container";
   co.size = DISK;
   co.cluster_size = cluster_size;
-  r = qcow2_create_io (&co, &f->io);
+  r = qcow2_create_io (&co, io);
   CHECK (r == 0, "create: %s", strerror (-r));
   return container;
 }
@@ -227,8 +141,8 @@ check_reopened (struct qcow2_io *container, uint64_t flushed_offset,
                 size_t flushed_len, unsigned seed, const char *what)
 {
   struct qcow2_check_result res;
-  struct faulty_io *f;
-  struct qcow2_image *img = open_image (container, false, &f);
+  struct fault_plan plan;
+  struct qcow2_image *img = open_image (container, false, &plan);
   int r;
 
   if (!img)
@@ -253,8 +167,8 @@ static void
 test_enable (void)
 {
   struct qcow2_io *container = new_container (65536);
-  struct faulty_io *f;
-  struct qcow2_image *img = open_image (container, false, &f);
+  struct fault_plan plan;
+  struct qcow2_image *img = open_image (container, false, &plan);
 
   if (img) {
     CHECK (!qcow2_is_writable (img) && qcow2_may_write (img),
@@ -279,10 +193,10 @@ test_broken_by_flush (void)
 {
   const uint64_t A = 0, B = 4 << 20;
   struct qcow2_io *container = new_container (65536);
-  struct faulty_io *f;
-  struct qcow2_image *img = open_image (container, true, &f);
+  struct fault_plan plan;
+  struct qcow2_image *img = open_image (container, true, &plan);
   unsigned char buf[4096];
-  unsigned pwrites, pwrites_at_close = 0;
+  uint64_t pwrites;
   int r;
 
   if (!img)
@@ -292,14 +206,14 @@ test_broken_by_flush (void)
 
   /* An allocating write, then a flush whose first fdatasync fails. */
   CHECK (write_seed (img, B, 1 << 20, 3) == 0, "allocating write");
-  arm (f, 0, 1);
+  arm (&plan, FAULT_FLUSH, 1);
   r = qcow2_flush (img);
-  CHECK (r == -EIO && f->failures == 1, "the flush fails: %d", r);
+  CHECK (r == -EIO && plan.fired, "the flush fails: %d", r);
   CHECK (!qcow2_is_writable (img) && !qcow2_may_write (img),
          "broken: not writable");
 
   /* Nothing more reaches the container. */
-  pwrites = f->pwrites;
+  pwrites = plan.writes;
   CHECK (write_seed (img, A, 4096, 4) == -EIO, "in-place write fails");
   CHECK (write_seed (img, 12 << 20, 4096, 4) == -EIO,
          "allocating write fails");
@@ -319,10 +233,9 @@ test_broken_by_flush (void)
   CHECK (reads_back (img, B, 1 << 20, 3), "unflushed data reads");
   CHECK (qcow2_read (img, buf, sizeof buf, 20 << 20) == 0,
          "unallocated reads");
-  f->pwrites_at_close = &pwrites_at_close;
   qcow2_close (img);
-  CHECK (pwrites_at_close == pwrites, "nothing written after breaking (%u "
-         "pwrites)", pwrites_at_close - pwrites);
+  CHECK (plan.writes == pwrites, "nothing written after breaking (%"
+         PRIu64 " pwrites)", plan.writes - pwrites);
   check_reopened (container, A, 1 << 20, 2, "flush");
  out:
   qcow2_io_close (container);
@@ -341,8 +254,8 @@ test_sweep (bool flushes)
 
   for (k = 1;; k++) {
     struct qcow2_io *container = new_container (4096);
-    struct faulty_io *f;
-    struct qcow2_image *img = open_image (container, true, &f);
+    struct fault_plan plan;
+    struct qcow2_image *img = open_image (container, true, &plan);
     char what[32];
     int r;
 
@@ -353,7 +266,7 @@ test_sweep (bool flushes)
     }
     CHECK (write_seed (img, 0, 65536, 5) == 0 && qcow2_flush (img) == 0,
            "%s: first write", what);
-    arm (f, flushes ? 0 : k, flushes ? k : 0);
+    arm (&plan, flushes ? FAULT_FLUSH : FAULT_WRITE, k);
     r = write_seed (img, 1 << 20, 65536, 6);
     if (r == 0)
       r = qcow2_flush (img);
@@ -363,7 +276,7 @@ test_sweep (bool flushes)
       r = write_seed (img, 12 << 20, 8 << 20, 9); /* refcount blocks */
     if (r == 0)
       r = qcow2_flush (img);
-    if (f->failures == 0) {
+    if (!plan.fired) {
       /* k is past the workload's pwrites: done. */
       CHECK (r == 0, "%s: no failure injected, yet %d", what, r);
       qcow2_close (img);
