@@ -98,7 +98,7 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
    * without a fault, so that every input injects one.
    */
   {
-    struct fault_plan count = { plan.target, plan.mode, 0, 0, 0, false };
+    struct fault_plan count = { .target = plan.target, .mode = plan.mode };
     uint64_t points;
     if (fault_run (&wl, &count, &o, NULL) < 0)
       abort ();

@@ -288,7 +288,7 @@ static void
 one_point (enum fault_target target, enum fault_mode mode, uint64_t k,
            bool spread, struct tally *t)
 {
-  struct fault_plan plan = { target, mode, k, 0, 0, false };
+  struct fault_plan plan = { .target = target, .mode = mode, .k = k };
   struct fault_outcome o;
   struct qemu_answer qa = { .verdict = V_CLEAN };
   char problem[320] = "";
@@ -388,7 +388,7 @@ int
 main (int argc, char **argv)
 {
   unsigned every = argc > 1 ? (unsigned) atoi (argv[1]) : 1;
-  struct fault_plan plan = { FAULT_WRITE, FAULT_ONE_SHOT, 0, 0, 0, false };
+  struct fault_plan plan = { .target = FAULT_WRITE, .mode = FAULT_ONE_SHOT };
   struct fault_outcome o;
   struct tally t = { 0 };
   struct timespec t0, t1;
