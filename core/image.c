@@ -376,10 +376,8 @@ qcow2_enable_write (struct qcow2_image *img)
     put_be64 (field, autoclear);
     r = qcow2_meta_write_durable (img, QCOW2_RULE_IN_PLACE, field,
                                   sizeof field, QCOW2_HDR_AUTOCLEAR_FEATURES);
-    if (r < 0) {
-      qcow2_writer_break (img, r, "clearing autoclear bits in the header");
-      goto fail;
-    }
+    if (r < 0)
+      goto fail;   /* the image is BROKEN (durable.c) */
     img->h.autoclear_features = autoclear;
   }
   /* Only now may requests write. */

@@ -83,10 +83,8 @@ l2_allocate (struct qcow2_image *img, uint64_t l1_index)
     r = qcow2_meta_write_durable (img, QCOW2_RULE_L2_BEFORE_L1, entry, 8,
                                   img->h.l1_table_offset + l1_index * 8);
   }
-  if (r < 0) {
-    qcow2_writer_break (img, r, "writing a new L2 table");
-    goto out;
-  }
+  if (r < 0)
+    goto out;   /* the image is BROKEN (durable.c) */
   __atomic_store_n (&img->l1[l1_index], new_offset | QCOW2_OFLAG_COPIED,
                     __ATOMIC_RELEASE);
   r = qcow2_overlap_add (img, new_offset, img->cluster_size, QCOW2_META_L2);

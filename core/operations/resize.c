@@ -109,8 +109,6 @@ qcow2_write_disk_size (struct qcow2_image *img, uint64_t size)
                                 QCOW2_HDR_SIZE);
   if (r == 0)
     img->h.size = size;
-  else
-    qcow2_writer_break (img, r, "writing the disk size to the header");
   return r;
 }
 
