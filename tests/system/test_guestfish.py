@@ -22,6 +22,7 @@ FILES = {
     "/hello.txt": b"written through nbdkit-qcow2\n",
 }
 BIG = "/data/random.bin"
+CLUSTER = 64 << 10  # qemu-img create's default cluster size
 
 
 def sha256(data):
@@ -82,7 +83,12 @@ def test_guestfish_read_write_over_export(workdir):
             "fstrim /\n"
             "umount-all\n" % (srv.sock, BIG)))
     qemu_img_check_clean(image)
-    assert allocated(image) <= before - len(FILES[BIG])
+    # ext4 places the file in 4 KiB blocks wherever it likes: a 64 KiB
+    # cluster at each end of each of its extents may still hold other
+    # blocks and stays allocated (one cluster fewer freed was seen in CI).
+    # Allow that for up to two extents; the rest of the 3 MiB must go.
+    slack = 2 * 2 * CLUSTER
+    assert allocated(image) <= before - len(FILES[BIG]) + slack
     out = guestfish("--ro", "--format=qcow2", "-a", image, script=(
         "run\n"
         "mount-ro /dev/sda1 /\n"
