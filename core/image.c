@@ -332,11 +332,13 @@ qcow2_enable_write (struct qcow2_image *img)
   }
   r = take_locks (img, true);
   if (r < 0)
-    return r;
+    goto relock;
 
   w = calloc (1, sizeof *w);
-  if (!w)
-    return -ENOMEM;
+  if (!w) {
+    r = -ENOMEM;
+    goto relock;
+  }
   pthread_mutex_init (&w->lock, NULL);
   qcow2_flusher_init (&w->flusher);
   qcow2_writer_transition (img, QCOW2_WRITER_ENABLING);
@@ -392,6 +394,11 @@ qcow2_enable_write (struct qcow2_image *img)
    */
   if (qcow2_writer_state (img) == QCOW2_WRITER_ENABLING)
     qcow2_writer_transition (img, QCOW2_WRITER_READ_ONLY);
+ relock:
+  /* Back to a reader's locks (QEMU's abort step), so other readers may
+   * open the image again; a failed upgrade may have dropped them all.
+   */
+  (void) take_locks (img, false);
   return r;
 }
 

@@ -119,6 +119,59 @@ expect_conflict (int fd, bool writable, const char *message)
          "message lacks the hint");
 }
 
+static void
+run (const char *cmd)
+{
+  int status = system (cmd);
+  CHECK (status == 0, "'%s' exited with %d", cmd, status);
+}
+
+/* An upgrade to writing that fails after taking the write locks (here
+ * refcount loading refuses a misaligned refcount block offset) goes back
+ * to a reader's locks, so QEMU's readers may open the image again.
+ */
+static void
+failed_upgrade_keeps_reader_locks (int obs)
+{
+  struct qcow2_open_options opts;
+  struct qcow2_image *img;
+  unsigned char be[8];
+  uint64_t reftable = 0;
+  char cmd[256];
+  int fd, r;
+
+  snprintf (cmd, sizeof cmd, "qemu-img create -q -f qcow2 %s 1M", path);
+  run (cmd);
+  fd = open_rw ();
+  CHECK (pread (fd, be, 8, 48) == 8, "reading the header");
+  for (int i = 0; i < 8; i++)
+    reftable = reftable << 8 | be[i];
+  memset (be, 0, 8);
+  be[7] = 0x10;                 /* entry 0: 16, not cluster aligned */
+  CHECK (pwrite (fd, be, 8, (off_t) reftable) == 8, "patching the table");
+  close (fd);
+
+  qcow2_open_options_init (&opts);
+  opts.filename = path;
+  opts.lock = true;
+  r = qcow2_open (&opts, &img);
+  CHECK (r == 0, "read-only open: %d", r);
+  if (r < 0)
+    return;
+  CHECK (held_bytes (obs, F_WRLCK) == RO_BYTES, "reader's bytes: %#x",
+         held_bytes (obs, F_WRLCK));
+  last_error[0] = '\0';
+  r = qcow2_enable_write (img);
+  CHECK (r == -EINVAL, "enable_write: %d, expected -EINVAL", r);
+  CHECK (strstr (last_error, "Refblock offset") != NULL,
+         "enable_write's message: %s", last_error);
+  CHECK (held_bytes (obs, F_WRLCK) == RO_BYTES,
+         "bytes after the failed upgrade: %#x", held_bytes (obs, F_WRLCK));
+  snprintf (cmd, sizeof cmd, "qemu-img info %s >/dev/null", path);
+  run (cmd);
+  qcow2_close (img);
+}
+
 static int
 unit_test (void)
 {
@@ -212,6 +265,7 @@ unit_test (void)
 
   close (b);
   close (c);
+  failed_upgrade_keeps_reader_locks (obs);
   close (obs);
   unlink (path);
   if (failures) {
