@@ -40,6 +40,20 @@
  *   8. New file.  Creating an image: the file is written and synced
  *      before it is opened as an image; nothing refers to it before.
  *
+ * A pointer's own write.  Rules 4 and 5 make a new structure durable
+ * before the pointer to it is written; the write of that pointer (an L1
+ * entry, a refcount table entry) is itself left to the next sync.  Until
+ * then it may land or not, and either way the image is valid: without it
+ * the new structure is a leaked cluster.  Everything that needs the
+ * pointer durable syncs first: a user of a cluster that a new refcount
+ * block counts is written only after rule 1's sync; entries of a new L2
+ * table reach the disk only in flush.c's step 2, after step 1's sync; an
+ * old table is freed (rule 2) only after step 2's sync; a flush is
+ * acknowledged only after its last sync.  This saves two of the three
+ * syncs a new L2 table used to cost (QEMU pays them only at a flush, by
+ * cache dependencies; these rules keep every allocation crash-safe at
+ * any moment without them).
+ *
  * And memory follows disk: an in-memory mirror of on-disk metadata (the
  * refcount table, the L1 table, the snapshot table, the header copy, the
  * bitmap directory) changes only after the write it mirrors has

@@ -2,12 +2,12 @@
  * cluster, allocating a new L2 table or copying one shared with a
  * snapshot.
  *
- * Runs under the writer lock.  A new L2 table is made durable in QEMU's
- * order (l2_allocate; durable.c rules 1 and 4): its cluster's refcount,
- * then the table's contents, then the L1 entry, each synced before the
- * next, so a crash leaves at most a leaked cluster.  The L1 entry in
- * memory changes last, with an atomic store, so lock-free readers see
- * either the old table or the complete new one.
+ * Runs under the writer lock.  A new L2 table is made durable before the
+ * L1 entry points at it (l2_allocate; durable.c rules 1 and 4): the
+ * table's contents and its cluster's refcount, one sync, then the L1
+ * entry, durable at the next sync; a crash leaves at most a leaked
+ * cluster.  The L1 entry in memory changes last, with an atomic store, so
+ * lock-free readers see either the old table or the complete new one.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -71,17 +71,19 @@ l2_allocate (struct qcow2_image *img, uint64_t l1_index)
   assert (is_aligned (new_offset, img->cluster_size));
   qcow2_cache_discard (img->l2_cache, new_offset, img->cluster_size);
 
-  /* Rule 1: the table's refcount durable; rule 4: then the table, then
-   * the L1 entry, each durable.
+  /* Rule 4: the table, and rule 1: its refcount, made durable by one
+   * sync; only then the L1 entry, whose own write waits for the next
+   * sync (durable.c, "a pointer's own write").  Writing the table before
+   * its refcount is durable is safe: nothing points at it yet.
    */
-  r = qcow2_meta_refcounts_durable (img, QCOW2_RULE_ALLOC_REFCOUNT_FIRST);
+  r = qcow2_meta_write (img, QCOW2_RULE_L2_BEFORE_L1, table,
+                        img->cluster_size, new_offset);
   if (r == 0)
-    r = qcow2_meta_write_durable (img, QCOW2_RULE_L2_BEFORE_L1, table,
-                                  img->cluster_size, new_offset);
+    r = qcow2_meta_refcounts_durable (img, QCOW2_RULE_ALLOC_REFCOUNT_FIRST);
   if (r == 0) {
     put_be64 (entry, new_offset | QCOW2_OFLAG_COPIED);
-    r = qcow2_meta_write_durable (img, QCOW2_RULE_L2_BEFORE_L1, entry, 8,
-                                  img->h.l1_table_offset + l1_index * 8);
+    r = qcow2_meta_write (img, QCOW2_RULE_L2_BEFORE_L1, entry, 8,
+                          img->h.l1_table_offset + l1_index * 8);
   }
   if (r < 0)
     goto out;   /* the image is BROKEN (durable.c) */

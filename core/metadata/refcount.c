@@ -26,8 +26,9 @@
  *   because flush.c writes this cache back and syncs before the L2 cache
  *   (durable.c rule 1);
  * - memory follows disk: w->reftable and the overlap set learn of a new
- *   refcount block or table only once the table entry or header that
- *   points at it is durable;
+ *   refcount block only once the table entry pointing at it is written
+ *   (after the block is durable), and of a new table only once the header
+ *   pointing at it is durable;
  * - every refcount that drops to 0 is announced to the layer above
  *   (qcow2_on_cluster_freed): the packer of compressed data (compressed_write.c)
  *   then forgets the cluster it packs into, which its compressed clusters
@@ -236,12 +237,14 @@ create_refblock (struct qcow2_image *img, uint64_t index)
       set_entry (slice->data, 0, w->refcount_bits, 1);
     qcow2_cache_put (w->refblock_cache, slice);
   }
-  /* Rule 5: the block durable, then the table entry. */
+  /* Rule 5: the block durable, then the table entry, durable at the next
+   * sync (durable.c, "a pointer's own write").
+   */
   r = qcow2_meta_refcounts_durable (img, QCOW2_RULE_REFBLOCK_BEFORE_TABLE);
   if (r == 0) {
     put_be64 (entry, offset);
-    r = qcow2_meta_write_durable (img, QCOW2_RULE_REFBLOCK_BEFORE_TABLE,
-                                  entry, 8, w->reftable_offset + index * 8);
+    r = qcow2_meta_write (img, QCOW2_RULE_REFBLOCK_BEFORE_TABLE, entry, 8,
+                          w->reftable_offset + index * 8);
   }
   if (r < 0) {
     /* The table does not point at the block: forget its slices. */
@@ -558,7 +561,8 @@ alloc_past_end (struct qcow2_image *img, uint64_t n, uint64_t *first_out)
   if (k > 0) {
     /* Rule 5: the blocks, and rule 1: the counts just made in older
      * blocks (some count new blocks), durable; then the table entries
-     * pointing at the new blocks, durable too.
+     * pointing at the new blocks, durable at the next sync (durable.c,
+     * "a pointer's own write").
      */
     uint64_t j;
     qcow2_cache_discard (w->refblock_cache, start << cb, k << cb);
@@ -572,8 +576,6 @@ alloc_past_end (struct qcow2_image *img, uint64_t n, uint64_t *first_out)
       r = qcow2_meta_write (img, QCOW2_RULE_REFBLOCK_BEFORE_TABLE, entry, 8,
                             w->reftable_offset + block_index[j] * 8);
     }
-    if (r == 0)
-      r = qcow2_meta_sync (img, QCOW2_RULE_REFBLOCK_BEFORE_TABLE);
     if (r < 0) {
       qcow2_error ("could not write new refcount blocks: %s", strerror (-r));
       goto out;
