@@ -145,7 +145,7 @@ int
 qcow2_write_compressed (struct qcow2_image *img, const void *buf,
                         uint64_t guest)
 {
-  struct qcow2_writer *w = img->w;
+  struct qcow2_writer *w;
   const uint64_t cs = img->cluster_size;
   const unsigned char *src = buf;
   unsigned char *padded = NULL, *out;
@@ -155,6 +155,7 @@ qcow2_write_compressed (struct qcow2_image *img, const void *buf,
 
   if ((r = qcow2_check_can_write (img)) < 0)
     return r;
+  w = img->w;                   /* exists once writable */
   if (!is_aligned (guest, cs) || guest >= img->h.size) {
     qcow2_error ("compressed write at %#" PRIx64 " is not at the start of "
                  "a cluster of the disk", guest);
