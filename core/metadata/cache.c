@@ -33,12 +33,15 @@ struct shard {
   size_t nbuckets;
   struct slice lru;         /* sentinel: lru.lru_next is most recent */
   size_t count, capacity;
-  size_t dirty;
+  size_t dirty;             /* dirty slices in this shard */
 };
 
 struct qcow2_cache {
   struct qcow2_io *io;
   size_t dirty_limit;           /* see qcow2_cache_dirty_limit */
+  size_t dirty_total;           /* sum of the shards' dirty counts, kept
+                                 * atomically so that reading it takes no
+                                 * lock (qcow2_cache_dirty_count) */
   qcow2_cache_write_check write_check;
   void *write_check_opaque;
   size_t slice_size;
@@ -92,6 +95,16 @@ lru_push_front (struct shard *s, struct slice *e)
   s->lru.lru_next = e;
 }
 
+/* Count e clean again.  Called with the shard lock held. */
+static void
+clear_dirty (struct qcow2_cache *c, struct shard *s, struct slice *e)
+{
+  assert (e->dirty && s->dirty > 0);
+  e->dirty = false;
+  s->dirty--;
+  __atomic_sub_fetch (&c->dirty_total, 1, __ATOMIC_RELAXED);
+}
+
 static void
 unhash (struct qcow2_cache *c, struct shard *s, struct slice *e)
 {
@@ -103,19 +116,18 @@ unhash (struct qcow2_cache *c, struct shard *s, struct slice *e)
   lru_unlink (e);
   e->hashed = false;
   s->count--;
-  if (e->dirty) {
-    e->dirty = false;
-    s->dirty--;
-  }
+  if (e->dirty)
+    clear_dirty (c, s, e);
 }
 
 /* Count e dirty, once.  Called with the shard lock held. */
 static void
-set_dirty (struct shard *s, struct slice *e)
+set_dirty (struct qcow2_cache *c, struct shard *s, struct slice *e)
 {
   if (!e->dirty) {
     e->dirty = true;
     s->dirty++;
+    __atomic_add_fetch (&c->dirty_total, 1, __ATOMIC_RELAXED);
   }
 }
 
@@ -344,7 +356,7 @@ qcow2_cache_get_new (struct qcow2_cache *c, uint64_t offset,
   }
   e->state = SLICE_READY;
   memset (e->pub.data, 0, c->slice_size);
-  set_dirty (s, e);
+  set_dirty (c, s, e);
   pthread_mutex_unlock (&s->lock);
   *slice_out = &e->pub;
   return 0;
@@ -357,7 +369,7 @@ qcow2_cache_mark_dirty (struct qcow2_cache *c, struct qcow2_slice *slice)
   struct shard *s = lock_shard (c, slice->offset);
 
   if (e->hashed)
-    set_dirty (s, e);
+    set_dirty (c, s, e);
   pthread_mutex_unlock (&s->lock);
 }
 
@@ -370,14 +382,7 @@ qcow2_cache_dirty_limit (const struct qcow2_cache *c)
 size_t
 qcow2_cache_dirty_count (struct qcow2_cache *c)
 {
-  size_t n = 0;
-
-  for (size_t i = 0; i < c->nshards; i++) {
-    pthread_mutex_lock (&c->shards[i].lock);
-    n += c->shards[i].dirty;
-    pthread_mutex_unlock (&c->shards[i].lock);
-  }
-  return n;
+  return __atomic_load_n (&c->dirty_total, __ATOMIC_RELAXED);
 }
 
 /* Modifications are serialised by the caller (see cache.h), so a slice
@@ -422,8 +427,7 @@ qcow2_cache_writeback (struct qcow2_cache *c)
       if (r == 0 && e->dirty) {
         QCOW2_DEBUG (metadata, "wrote back %zu bytes at 0x%" PRIx64,
                      c->slice_size, e->pub.offset);
-        e->dirty = false;
-        s->dirty--;
+        clear_dirty (c, s, e);
       }
       unpin_locked (e);
       pthread_mutex_unlock (&s->lock);
