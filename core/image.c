@@ -80,6 +80,8 @@ derive_geometry (struct qcow2_image *img)
   img->extended_l2 = h->incompatible_features & QCOW2_INCOMPAT_EXTL2;
   img->l2_entry_bytes = img->extended_l2 ? 16 : 8;
   img->l2_entries = img->cluster_size / img->l2_entry_bytes;
+  img->l2_bits = h->cluster_bits +
+                 (uint32_t) __builtin_ctzll (img->l2_entries);
   img->subcluster_bits = img->extended_l2 ? h->cluster_bits - 5
                                           : h->cluster_bits;
   img->subcluster_size = 1ull << img->subcluster_bits;

@@ -290,6 +290,8 @@ struct qcow2_image {
   bool extended_l2;
   uint32_t l2_entry_bytes;      /* 8, or 16 with extended L2 */
   uint64_t l2_entries;          /* entries per L2 table */
+  uint32_t l2_bits;             /* log2 of the guest bytes one L2 table
+                                 * covers: guest >> l2_bits is the L1 index */
   uint32_t subcluster_bits;
   uint64_t subcluster_size;
   uint32_t csize_shift;         /* compressed descriptor: sector count shift */

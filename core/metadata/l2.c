@@ -58,9 +58,7 @@ qcow2_l2_slice_of_guest (struct qcow2_image *img, const uint64_t *l1,
                          struct qcow2_slice **slice,
                          struct qcow2_l2_pos *pos)
 {
-  const unsigned l2_shift = img->cluster_bits +
-                            (unsigned) __builtin_ctzll (img->l2_entries);
-  const uint64_t l1_index = guest >> l2_shift;
+  const uint64_t l1_index = guest >> img->l2_bits;
   const uint64_t l2_index = (guest >> img->cluster_bits) &
                             (img->l2_entries - 1);
 

@@ -20,12 +20,6 @@
 #include "l2.h"
 #include "util.h"
 
-static unsigned
-l2_shift (const struct qcow2_image *img)
-{
-  return img->cluster_bits + (unsigned) __builtin_ctzll (img->l2_entries);
-}
-
 /* Copy the L2 table at `offset` through the cache (whose slices may be
  * newer than the disk) into buf.
  */
@@ -102,7 +96,7 @@ int
 qcow2_l2_slice_for_write (struct qcow2_image *img, uint64_t guest,
                           struct qcow2_slice **slice, uint64_t *index)
 {
-  uint64_t l1_index = guest >> l2_shift (img);
+  uint64_t l1_index = guest >> img->l2_bits;
   struct qcow2_l2_pos at;
   uint64_t l1e;
   int r;

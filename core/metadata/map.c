@@ -110,8 +110,7 @@ qcow2_map (struct qcow2_image *img, const uint64_t *l1, uint32_t l1_size,
            uint64_t offset, uint64_t max_len, struct qcow2_run *run)
 {
   const uint32_t cbits = img->cluster_bits;
-  const unsigned l2_shift = cbits + __builtin_ctzll (img->l2_entries);
-  const uint64_t l2_start = (offset >> l2_shift) << l2_shift;
+  const uint64_t l2_start = (offset >> img->l2_bits) << img->l2_bits;
   uint64_t end, pos;
   struct qcow2_slice *slice;
   struct qcow2_l2_pos at;
@@ -123,7 +122,7 @@ qcow2_map (struct qcow2_image *img, const uint64_t *l1, uint32_t l1_size,
     return r;
   if (!slice) {
     /* Clip to this L2 table's coverage. */
-    end = offset + min_u64 (max_len, l2_start + (1ull << l2_shift) - offset);
+    end = offset + min_u64 (max_len, l2_start + (1ull << img->l2_bits) - offset);
     run->kind = RUN_UNALLOCATED;
     run->length = end - offset;
     run->host_offset = 0;

@@ -115,8 +115,6 @@ qcow2_write_disk_size (struct qcow2_image *img, uint64_t size)
 int
 qcow2_resize (struct qcow2_image *img, uint64_t new_size)
 {
-  unsigned l2_shift = img->cluster_bits +
-                      (unsigned) __builtin_ctzll (img->l2_entries);
   uint64_t needed;
   int r;
 
@@ -147,7 +145,7 @@ qcow2_resize (struct qcow2_image *img, uint64_t new_size)
     return -ENOTSUP;
   }
 
-  needed = div_round_up (new_size, 1ull << l2_shift);
+  needed = div_round_up (new_size, 1ull << img->l2_bits);
   if (needed * 8 > QCOW2_MAX_L1_BYTES) {
     qcow2_error ("%s: size %" PRIu64 " needs an L1 table larger than %u "
                  "bytes", img->filename, new_size, QCOW2_MAX_L1_BYTES);

@@ -629,8 +629,6 @@ qcow2_snapshot_delete (struct qcow2_image *img, const char *name_or_id)
 static int
 apply_locked (struct qcow2_image *img, const char *name_or_id)
 {
-  unsigned l2_shift = img->cluster_bits +
-                      (unsigned) __builtin_ctzll (img->l2_entries);
   const struct qcow2_snapshot *sn;
   uint64_t *sn_l1 = NULL, *old_l1 = NULL, *new_l1 = NULL, needed, disk_size;
   uint32_t sn_l1_size, old_l1_size, index = 0;
@@ -652,7 +650,7 @@ apply_locked (struct qcow2_image *img, const char *name_or_id)
   r = qcow2_bitmaps_resize_check (img, disk_size);
   if (r < 0)
     goto out;
-  needed = div_round_up (disk_size, 1ull << l2_shift);
+  needed = div_round_up (disk_size, 1ull << img->l2_bits);
   if (needed < sn_l1_size)
     needed = sn_l1_size;
   if (needed < img->l1_size)
